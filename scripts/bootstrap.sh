@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up everything turnstorm needs on a Debian-like machine, idempotently.
+#   scripts/bootstrap.sh run    what `make run` needs: venv + runtime deps + coturn
+#   scripts/bootstrap.sh test   what `make test` needs: + dev deps + test services' binaries
+# Missing system packages are installed with apt-get when running as root; otherwise the
+# exact command to run is printed (tests then skip what they cannot run, except in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODE="${1:-run}"
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+say() { printf 'bootstrap: %s\n' "$*"; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+# --- Python ---------------------------------------------------------------------------
+command -v "$PYTHON" >/dev/null || die "python3 not found; install Python 3.11 or newer"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "Python 3.11+ needed, found $("$PYTHON" --version 2>&1)"
+
+# --- system packages ------------------------------------------------------------------
+APT_RUN=(coturn)
+APT_TEST=(coturn prometheus iproute2 nftables)
+if [ "$MODE" = test ]; then packages=("${APT_TEST[@]}"); else packages=("${APT_RUN[@]}"); fi
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    say "not a Debian-like system: install ${missing[*]} with your package manager"
+  elif [ "$(id -u)" = 0 ]; then
+    say "installing ${missing[*]} (apt-get)"
+    # Debian's coturn starts a system relay on 3478 where an init system runs; ours
+    # use random loopback ports, so both can coexist.
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  else
+    say "missing system packages: ${missing[*]}"
+    say "install them with: sudo apt-get install ${missing[*]}"
+    [ "${CI:-}" = true ] && die "CI needs ${missing[*]}"
+  fi
+fi
+
+# --- virtualenv ---------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+extra=loadgen,operator
+[ "$MODE" = test ] && extra=dev
+stamp="$VENV/.turnstorm-$MODE-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  say "installing Python dependencies ($extra)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[$extra]"
+  touch "$stamp"
+fi
+say "ready ($MODE)"

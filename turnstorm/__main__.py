@@ -1,0 +1,5 @@
+import sys
+
+from turnstorm.cli import main
+
+sys.exit(main())

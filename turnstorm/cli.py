@@ -1,0 +1,191 @@
+"""The ``turnstorm`` command line.
+
+Every subcommand prints one clear line on stderr and exits non-zero on bad input or an
+unreachable server; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from turnstorm import __version__
+from turnstorm.errors import TurnstormError
+from turnstorm.proto.transaction import TransactionTimeout
+
+T = TypeVar("T")
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _add_probe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="measure one STUN/TURN server: Binding RTT, Allocate, relayed echo RTT",
+        description=(
+            "Measure a STUN/TURN server: the direct Binding RTT, the Allocate latency "
+            "(with the 401/nonce authentication), the echo RTT through a channel on the "
+            "relay and the relay overhead (relayed minus direct). The allocation is "
+            "released at the end. Targets outside loopback need --allow-target."
+        ),
+        epilog="example: turnstorm probe 'turn:127.0.0.1:3478?transport=udp' "
+               "--secret-file secret.txt --json",
+    )
+    p.add_argument("uri", help="server URI: turn:HOST[:PORT][?transport=udp|tcp] (IP literal)")
+    auth = p.add_argument_group("credentials (one of)")
+    auth.add_argument("--secret-file", metavar="FILE",
+                      help="shared secret of coturn's use-auth-secret (TURN REST credentials)")
+    auth.add_argument("--user", help="long-term credential username")
+    auth.add_argument("--password", help="long-term credential password")
+    p.add_argument("--peer", metavar="HOST:PORT",
+                   help="UDP echo peer behind the relay (default: a built-in one on loopback)")
+    p.add_argument("--samples", type=int, default=5,
+                   help="Binding and echo round trips to take the median of (default 5)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for each step (default 5)")
+    p.add_argument("--allow-target", action="append", default=[], metavar="ADDR|CIDR",
+                   help="allow a non-loopback server or peer (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_probe)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from turnstorm.client import parse_host_port
+    from turnstorm.probe import load_secret, probe
+    from turnstorm.proto.credentials import Credentials
+    from turnstorm.uri import check_target, parse_uri
+
+    if args.timeout <= 0:
+        raise TurnstormError("--timeout must be positive")
+    uri = parse_uri(args.uri)
+    check_target(uri.host, args.allow_target)
+    peer = None
+    if args.peer:
+        try:
+            peer = parse_host_port(args.peer)
+        except ValueError as exc:
+            raise TurnstormError(f"--peer {exc}") from None
+        check_target(peer[0], args.allow_target)
+    if args.secret_file:
+        if args.user or args.password:
+            raise TurnstormError("give either --secret-file or --user/--password, not both")
+        credentials = Credentials.ephemeral(load_secret(args.secret_file), "turnstorm-probe",
+                                            time.time())
+    elif args.user and args.password:
+        credentials = Credentials(args.user, args.password)
+    else:
+        raise TurnstormError("probe needs credentials: --secret-file FILE, or --user and "
+                             "--password")
+    try:
+        result = _asyncio_run(probe(uri, credentials, peer=peer, samples=args.samples,
+                                    timeout=args.timeout))
+    except TransactionTimeout as exc:
+        raise TurnstormError(f"{uri}: no answer from the server ({exc})") from None
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        print(f"server          {result.uri}  ({result.software or 'unknown software'})")
+        print(f"binding rtt     {result.binding_rtt_ms:9.3f} ms")
+        print(f"allocate        {result.allocate_ms:9.3f} ms")
+        print(f"relayed rtt     {result.relay_rtt_ms:9.3f} ms  via {result.relayed_address}"
+              f" to {result.peer}")
+        print(f"relay overhead  {result.relay_overhead_ms:9.3f} ms")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="start a local coturn relay on loopback and probe it (no cluster needed)",
+        description=(
+            "Start a real coturn relay on 127.0.0.1 with turnstorm's secure rendered "
+            "config and a fresh random shared secret, probe it over UDP and TCP through "
+            "a local echo peer, print the figures and stop everything. (The CGNAT storm "
+            "with autoscaling will run here too once the local storm mode lands.)"
+        ),
+    )
+    p.add_argument("--samples", type=int, default=20,
+                   help="round trips per measurement (default 20)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_local)
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    import secrets
+
+    from turnstorm.localrelay import LocalRelay, loopback_relay_config
+    from turnstorm.probe import probe
+    from turnstorm.proto.credentials import Credentials
+    from turnstorm.uri import ServerUri
+
+    secret = secrets.token_urlsafe(24)
+    relay = LocalRelay(loopback_relay_config(), secret)
+    print(f"starting coturn on 127.0.0.1:{relay.port} ...", file=sys.stderr)
+    results = {}
+    with relay:
+        for transport in ("udp", "tcp"):
+            uri = ServerUri("turn", relay.host, relay.port, transport)
+            credentials = Credentials.ephemeral(secret, "turnstorm-run", time.time())
+            print(f"probing {uri} ...", file=sys.stderr)
+            result = _asyncio_run(probe(uri, credentials, samples=args.samples))
+            results[transport] = result.as_dict()
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+        return 0
+    print(f"{'metric':<22}{'udp':>12}{'tcp':>12}")
+    for key, label in (("binding_rtt_ms", "binding rtt (ms)"), ("allocate_ms", "allocate (ms)"),
+                       ("relay_rtt_ms", "relayed rtt (ms)"),
+                       ("relay_overhead_ms", "relay overhead (ms)")):
+        print(f"{label:<22}{results['udp'][key]:>12.3f}{results['tcp'][key]:>12.3f}")
+    print("relay stopped; allocations released")
+    return 0
+
+
+def _asyncio_run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_probe,
+    _add_run,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnstorm",
+        description="Reproduce CGNAT-scale storms against STUN/TURN relays and scale out of them.",
+    )
+    parser.add_argument("--version", action="version", version=f"turnstorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except TurnstormError as exc:
+        print(f"turnstorm {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"turnstorm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

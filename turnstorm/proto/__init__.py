@@ -1,0 +1,1 @@
+"""Pure STUN/TURN protocol code: codec, credentials, transactions. No sockets, no clocks."""
