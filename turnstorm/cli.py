@@ -146,6 +146,90 @@ def _run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "render",
+        help="print the Kubernetes objects the operator would create for a TurnPool",
+        description=(
+            "Validate a TurnPool YAML file (defaults and rules as the apiserver applies "
+            "them) and print the objects the operator would own for it: ConfigMap with "
+            "turnserver.conf, Services, Deployment, PodDisruptionBudget and, with "
+            "--service-monitor, a ServiceMonitor. For review and GitOps. Files may hold "
+            "several documents; non-TurnPool documents are skipped."
+        ),
+        epilog="example: turnstorm render examples/turnpool.yaml > pool-objects.yaml",
+    )
+    p.add_argument("file", help="YAML file with one or more TurnPool documents ('-' for stdin)")
+    p.add_argument("--replicas", type=int, help="relay count to render (default: "
+                   "spec.replicas.target)")
+    p.add_argument("--namespace", help="namespace for objects without one (default: default)")
+    p.add_argument("--exporter-image", help="image of the turnstorm exporter sidecar")
+    p.add_argument("--service-monitor", action="store_true",
+                   help="include the ServiceMonitor (as if the Prometheus operator's CRD exists)")
+    p.set_defaults(func=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from turnstorm.operator.render import DEFAULT_EXPORTER_IMAGE, render_pool, to_yaml
+    from turnstorm.spec import turnpool_from_object
+
+    try:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="utf8") as handle:
+                text = handle.read()
+    except OSError as exc:
+        raise TurnstormError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise TurnstormError(f"{args.file}: not valid YAML: {exc}".splitlines()[0]) from None
+    pools = [d for d in documents if isinstance(d, dict) and d.get("kind") == "TurnPool"]
+    if not pools:
+        raise TurnstormError(f"{args.file}: no TurnPool document found")
+    if args.replicas is not None and args.replicas < 0:
+        raise TurnstormError("--replicas must be 0 or more")
+    out = []
+    for document in pools:
+        if args.namespace and not document.get("metadata", {}).get("namespace"):
+            document.setdefault("metadata", {})["namespace"] = args.namespace
+        spec = turnpool_from_object(document)
+        out += render_pool(spec, replicas=args.replicas,
+                           exporter_image=args.exporter_image or DEFAULT_EXPORTER_IMAGE,
+                           service_monitor_available=args.service_monitor)
+    sys.stdout.write(to_yaml(out))
+    return 0
+
+
+def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator (kopf) that owns TurnPools",
+        description=(
+            "Run the operator: for each TurnPool it renders and owns the coturn "
+            "Deployment, Services, ConfigMap, PodDisruptionBudget and ServiceMonitor, "
+            "and reports status. Credentials: in-cluster, else the kubeconfig."
+        ),
+    )
+    p.add_argument("--namespace", help="watch one namespace (default: all)")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster or ~/.kube/config)")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                   help="liveness endpoint URL (default http://0.0.0.0:8080/healthz)")
+    p.add_argument("--exporter-image", help="image of the relay exporter sidecar")
+    p.set_defaults(func=_run_operator)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    from turnstorm.operator.main import run
+
+    run(namespace=args.namespace, liveness=args.liveness, kubeconfig=args.kubeconfig,
+        exporter_image=args.exporter_image)
+    return 0
+
+
 def _asyncio_run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
@@ -157,6 +241,8 @@ def _asyncio_run(coro: Coroutine[Any, Any, T]) -> T:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_probe,
     _add_run,
+    _add_render,
+    _add_operator,
 ]
 
 

@@ -1,0 +1,132 @@
+"""Reconcile a TurnPool: plain data in, API calls through :class:`Kube`, a status patch
+and events out. No kopf here; handlers adapt these functions."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from turnstorm.operator import render
+from turnstorm.operator.kube import Kube, random_password
+from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
+
+
+@dataclass
+class Event:
+    type: str
+    """Normal or Warning."""
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    """What one reconcile decided: a status patch, events, and whether to retry later."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    retry_after: float | None = None
+    changed: list[str] = field(default_factory=list)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int,
+              previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    transition = now_iso()
+    for old in previous or []:
+        if old.get("type") == type_ and old.get("status") == status:
+            transition = old.get("lastTransitionTime", transition)
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": transition, "observedGeneration": generation}
+
+
+def desired_replicas(spec: TurnPoolSpec, status: dict[str, Any]) -> int:
+    """The count to apply: the autoscaler's current decision when there is one, else the
+    spec's target; always inside [min, max]."""
+    wanted = spec.target_replicas
+    if spec.scaling.enabled and isinstance(status.get("desiredReplicas"), int):
+        wanted = status["desiredReplicas"]
+    return max(spec.min_replicas, min(spec.max_replicas, wanted))
+
+
+def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Outcome:
+    """Render and apply every object the pool owns; report readiness."""
+    meta = body["metadata"]
+    generation = int(meta.get("generation", 0))
+    old_status = body.get("status") or {}
+    previous = old_status.get("conditions") or []
+    outcome = Outcome()
+    try:
+        spec = turnpool_from_object(body)
+    except SpecError as exc:
+        # The apiserver's schema catches most of this; a value it cannot check lands here.
+        outcome.status = {"observedGeneration": generation, "conditions": [
+            condition("Ready", False, "InvalidSpec", str(exc), generation, previous)]}
+        outcome.events.append(Event("Warning", "InvalidSpec", str(exc)))
+        return outcome
+
+    present = kube.secret_has_key(spec.namespace, spec.secret_name, spec.secret_key)
+    if not present:
+        what = ("does not exist" if present is None
+                else f"has no key {spec.secret_key!r}")
+        message = (f"auth Secret {spec.secret_name!r} {what}; create it with "
+                   f"kubectl create secret generic {spec.secret_name} "
+                   f"--from-literal={spec.secret_key}=...")
+        reason = "SecretMissing"
+        outcome.status = {"observedGeneration": generation, "conditions": [
+            condition("Ready", False, reason, message, generation, previous)]}
+        if not any(c.get("reason") == reason and c.get("message") == message
+                   for c in previous):
+            outcome.events.append(Event("Warning", reason, message))
+        outcome.retry_after = 30.0
+        return outcome
+
+    owner = owner_reference(body)
+    cli = render.cli_secret(spec, random_password())
+    cli["metadata"]["ownerReferences"] = [owner]
+    if kube.ensure_secret(cli):
+        outcome.changed.append(f"Secret/{cli['metadata']['name']}")
+
+    replicas = desired_replicas(spec, old_status)
+    objects = render.render_pool(
+        spec, replicas=replicas, exporter_image=exporter_image,
+        service_monitor_available=spec.service_monitor
+        and kube.has_resource("monitoring.coreos.com/v1", "ServiceMonitor"),
+    )
+    for obj in objects:
+        obj["metadata"]["ownerReferences"] = [owner]
+        before = kube.get(obj["apiVersion"], obj["kind"], spec.namespace,
+                          obj["metadata"]["name"])
+        after = kube.apply(obj)
+        if before is None or (before["metadata"].get("resourceVersion")
+                              != after["metadata"].get("resourceVersion")):
+            outcome.changed.append(f"{obj['kind']}/{obj['metadata']['name']}")
+
+    deployment = kube.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
+    dep_status = deployment.get("status") or {}
+    ready = int(dep_status.get("readyReplicas") or 0)
+    outcome.status = {
+        "observedGeneration": generation,
+        "replicas": int(dep_status.get("replicas") or 0),
+        "readyReplicas": ready,
+        "desiredReplicas": replicas,
+        "selector": render.selector_string(spec),
+        "conditions": [condition(
+            "Ready", ready >= spec.min_replicas,
+            "RelaysReady" if ready >= spec.min_replicas else "RelaysStarting",
+            f"{ready} of {replicas} relays ready", generation, previous)],
+    }
+    if outcome.changed:
+        outcome.events.append(Event("Normal", "Applied", "applied " + ", ".join(outcome.changed)))
+    return outcome
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}

@@ -1,0 +1,319 @@
+"""TurnPool and LoadRun specs: the CRD schemas in ``crds/`` are the single source of truth.
+
+This module applies the schemas' defaults, checks the same rules the apiserver enforces
+(types, enums, minimum/maximum, and each CEL rule with the same message), and turns a
+defaulted spec into typed dataclasses. The local mode uses it for scenario files, so an
+invalid file gets the message ``kubectl apply`` would give.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from turnstorm.errors import TurnstormError
+
+GROUP = "turnstorm.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CRD_FILES = {"TurnPool": "turnpools.yaml", "LoadRun": "loadruns.yaml"}
+
+
+class SpecError(TurnstormError):
+    """A TurnPool/LoadRun that the apiserver would reject."""
+
+
+@cache
+def crd(kind: str) -> dict[str, Any]:
+    text = resources.files("turnstorm").joinpath("crds", CRD_FILES[kind]).read_text("utf8")
+    loaded: dict[str, Any] = yaml.safe_load(text)
+    return loaded
+
+
+def schema(kind: str) -> dict[str, Any]:
+    version = crd(kind)["spec"]["versions"][0]
+    result: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return result
+
+
+# -- structural defaulting and validation --------------------------------------------------
+
+def apply_defaults(value: Any, node: dict[str, Any]) -> Any:
+    """Fill defaults like the apiserver: a missing property with a default gets it, then
+    defaulting recurses into it."""
+    if node.get("type") == "object" and isinstance(value, dict):
+        for name, child in node.get("properties", {}).items():
+            if name not in value and "default" in child:
+                value[name] = copy.deepcopy(child["default"])
+            if name in value:
+                value[name] = apply_defaults(value[name], child)
+    elif node.get("type") == "array" and isinstance(value, list) and "items" in node:
+        value = [apply_defaults(item, node["items"]) for item in value]
+    return value
+
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+def check_schema(value: Any, node: dict[str, Any], path: str) -> None:
+    """Raise :class:`SpecError` naming the field for the first schema violation."""
+    kind = node.get("type")
+    if node.get("x-kubernetes-int-or-string"):
+        if not isinstance(value, int | str) or isinstance(value, bool):
+            raise SpecError(f"{path}: must be an integer or a string")
+        return
+    if kind and not _TYPES[kind](value):
+        raise SpecError(f"{path}: must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                        f"got {type(value).__name__} {value!r}")
+    if "enum" in node and value not in node["enum"]:
+        raise SpecError(f"{path}: unsupported value {value!r}: supported values: "
+                        + ", ".join(f'"{v}"' for v in node["enum"]))
+    if "minimum" in node and value < node["minimum"]:
+        raise SpecError(f"{path}: should be greater than or equal to {node['minimum']}")
+    if "maximum" in node and value > node["maximum"]:
+        raise SpecError(f"{path}: should be less than or equal to {node['maximum']}")
+    if kind == "string":
+        if len(value) < node.get("minLength", 0):
+            raise SpecError(f"{path}: should be at least {node['minLength']} chars long")
+        if "maxLength" in node and len(value) > node["maxLength"]:
+            raise SpecError(f"{path}: may not be more than {node['maxLength']} bytes")
+    if kind == "object":
+        props = node.get("properties", {})
+        for name in node.get("required", []):
+            if name not in value:
+                raise SpecError(f"{path}.{name}: Required value")
+        extra = node.get("additionalProperties")
+        for name, child in value.items():
+            if name in props:
+                check_schema(child, props[name], f"{path}.{name}")
+            elif isinstance(extra, dict):
+                check_schema(child, extra, f"{path}.{name}")
+            elif not node.get("x-kubernetes-preserve-unknown-fields"):
+                raise SpecError(f"{path}.{name}: unknown field")
+    if kind == "array":
+        if "maxItems" in node and len(value) > node["maxItems"]:
+            raise SpecError(f"{path}: must have at most {node['maxItems']} items")
+        if len(value) < node.get("minItems", 0):
+            raise SpecError(f"{path}: must have at least {node['minItems']} items")
+        for index, item in enumerate(value):
+            check_schema(item, node.get("items", {}), f"{path}[{index}]")
+    for rule in node.get("x-kubernetes-validations", []):
+        check = CEL_RULES.get(rule["rule"])
+        if check is None:
+            raise SpecError(f"internal: no local check for CEL rule {rule['rule']!r}")
+        if not check(value):
+            raise SpecError(f"{path}: Invalid value: {rule['message']}")
+
+
+def _is_cidr(text: str) -> bool:
+    if "/" not in text:
+        return False
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _listener_ports_outside(s: dict[str, Any]) -> bool:
+    ports = [s["listeners"]["udp"], s["listeners"]["tcp"], s["listeners"].get("tls", 0)]
+    lo, hi = s["relayPorts"]["min"], s["relayPorts"]["max"]
+    return all(p == 0 or p < lo or p > hi for p in ports)
+
+
+# Every CEL rule in crds/*.yaml, by its exact text, with an equivalent Python check.
+# tests/unit/test_spec.py proves each rule has one and that both agree.
+CEL_RULES: dict[str, Callable[[Any], bool]] = {
+    "self.replicas.min <= self.replicas.max":
+        lambda s: s["replicas"]["min"] <= s["replicas"]["max"],
+    "self.replicas.target >= self.replicas.min && self.replicas.target <= self.replicas.max":
+        lambda s: s["replicas"]["min"] <= s["replicas"]["target"] <= s["replicas"]["max"],
+    "self.relayPorts.min <= self.relayPorts.max":
+        lambda s: s["relayPorts"]["min"] <= s["relayPorts"]["max"],
+    "self.relayPorts.max < 32768 || self.relayPorts.min > 60999":
+        lambda s: s["relayPorts"]["max"] < 32768 or s["relayPorts"]["min"] > 60999,
+    "[self.listeners.udp, self.listeners.tcp, has(self.listeners.tls) ? self.listeners.tls : 0]"
+    ".all(p, p == 0 || p < self.relayPorts.min || p > self.relayPorts.max)":
+        _listener_ports_outside,
+    "!has(self.listeners.tls) || (self.listeners.tls != self.listeners.udp && "
+    "self.listeners.tls != self.listeners.tcp)":
+        lambda s: "tls" not in s["listeners"] or s["listeners"]["tls"] not in (
+            s["listeners"]["udp"], s["listeners"]["tcp"]),
+    "!has(self.scaling.targets.allocationsPerRelay) || self.relayPorts.max - "
+    "self.relayPorts.min + 1 >= self.scaling.targets.allocationsPerRelay":
+        lambda s: "allocationsPerRelay" not in s["scaling"]["targets"]
+        or s["relayPorts"]["max"] - s["relayPorts"]["min"] + 1
+        >= s["scaling"]["targets"]["allocationsPerRelay"],
+    "self.security.userQuota <= self.security.totalQuota":
+        lambda s: s["security"]["userQuota"] <= s["security"]["totalQuota"],
+    "self.all(c, isCIDR(c))": lambda items: all(_is_cidr(c) for c in items),
+    "has(self.poolRef) != has(self.uris)": lambda t: ("poolRef" in t) != ("uris" in t),
+}
+
+
+def validate(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """Default and validate a whole object (apiVersion, kind, metadata, spec); returns the
+    defaulted copy. Field paths in errors start at ``spec``."""
+    if obj.get("apiVersion") != API_VERSION:
+        raise SpecError(f"apiVersion: must be {API_VERSION}, got {obj.get('apiVersion')!r}")
+    if obj.get("kind") != kind:
+        raise SpecError(f"kind: must be {kind}, got {obj.get('kind')!r}")
+    name = (obj.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise SpecError("metadata.name: Required value")
+    root = schema(kind)
+    spec_schema = root["properties"]["spec"]
+    if "spec" not in obj:
+        raise SpecError("spec: Required value")
+    spec = apply_defaults(copy.deepcopy(obj["spec"]), spec_schema)
+    check_schema(spec, spec_schema, "spec")
+    result = copy.deepcopy(obj)
+    result["spec"] = spec
+    return result
+
+
+# -- typed view ------------------------------------------------------------------------------
+
+def parse_quantity_cpu(text: str) -> float:
+    """Kubernetes CPU quantity to cores: ``500m`` -> 0.5, ``2`` -> 2.0."""
+    try:
+        if text.endswith("m"):
+            return int(text[:-1]) / 1000
+        value = float(text)
+    except ValueError:
+        raise SpecError(f"spec.resources.cpu: {text!r} is not a CPU quantity like 500m or 2"
+                        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise SpecError(f"spec.resources.cpu: {text!r} must be positive")
+    return value
+
+
+@dataclass
+class ScalingBehavior:
+    stabilization_window_seconds: int
+    percent: int
+    pods: int
+    period_seconds: int
+
+
+@dataclass
+class ScalingPolicy:
+    enabled: bool
+    tolerance: float
+    targets: dict[str, float]
+    scale_up: ScalingBehavior
+    scale_down: ScalingBehavior
+    drain_deadline_seconds: int
+
+
+@dataclass
+class TurnPoolSpec:
+    """Typed, defaulted TurnPool spec (field docs live in the CRD schema)."""
+
+    name: str
+    namespace: str
+    image: str
+    min_replicas: int
+    max_replicas: int
+    target_replicas: int
+    udp_port: int
+    tcp_port: int
+    tls_port: int | None
+    relay_port_min: int
+    relay_port_max: int
+    exposure: str
+    external_ip: str | None
+    realm: str
+    secret_name: str
+    secret_key: str
+    denied_peers: list[str]
+    allowed_peers: list[str]
+    user_quota: int
+    total_quota: int
+    max_bps: int
+    cpu: str
+    memory: str
+    scaling: ScalingPolicy
+    metrics_source: str
+    prometheus_url: str | None
+    interval_seconds: int
+    exporter_port: int
+    service_monitor: bool
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cpu_cores(self) -> float:
+        return parse_quantity_cpu(self.cpu)
+
+    @property
+    def relay_port_count(self) -> int:
+        return self.relay_port_max - self.relay_port_min + 1
+
+
+def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
+    """Validate (with defaults) and convert a TurnPool object."""
+    checked = validate("TurnPool", obj)
+    s = checked["spec"]
+    meta = checked["metadata"]
+    sc = s["scaling"]
+
+    def behavior(b: dict[str, Any]) -> ScalingBehavior:
+        return ScalingBehavior(b["stabilizationWindowSeconds"], b["percent"], b.get("pods", 0),
+                               b["periodSeconds"])
+
+    spec = TurnPoolSpec(
+        name=meta["name"],
+        namespace=meta.get("namespace", "default"),
+        image=s["image"],
+        min_replicas=s["replicas"]["min"],
+        max_replicas=s["replicas"]["max"],
+        target_replicas=s["replicas"]["target"],
+        udp_port=s["listeners"]["udp"],
+        tcp_port=s["listeners"]["tcp"],
+        tls_port=s["listeners"].get("tls"),
+        relay_port_min=s["relayPorts"]["min"],
+        relay_port_max=s["relayPorts"]["max"],
+        exposure=s["exposure"]["type"],
+        external_ip=s["exposure"].get("externalIP"),
+        realm=s["realm"],
+        secret_name=s["authSecretRef"]["name"],
+        secret_key=s["authSecretRef"]["key"],
+        denied_peers=list(s["security"]["deniedPeerCIDRs"]),
+        allowed_peers=list(s["security"]["allowedPeerCIDRs"]),
+        user_quota=s["security"]["userQuota"],
+        total_quota=s["security"]["totalQuota"],
+        max_bps=s["security"]["maxBps"],
+        cpu=s["resources"]["cpu"],
+        memory=s["resources"]["memory"],
+        scaling=ScalingPolicy(
+            enabled=sc["enabled"],
+            tolerance=float(sc["tolerance"]),
+            targets={k: float(v) for k, v in sc["targets"].items()},
+            scale_up=behavior(sc["scaleUp"]),
+            scale_down=behavior(sc["scaleDown"]),
+            drain_deadline_seconds=sc["drainDeadlineSeconds"],
+        ),
+        metrics_source=s["metrics"]["source"],
+        prometheus_url=s["metrics"].get("prometheusURL"),
+        interval_seconds=s["metrics"]["intervalSeconds"],
+        exporter_port=s["metrics"]["exporterPort"],
+        service_monitor=s["metrics"]["serviceMonitor"],
+        labels=dict(meta.get("labels") or {}),
+    )
+    spec.cpu_cores  # noqa: B018 - validates the quantity early
+    return spec
