@@ -1,0 +1,193 @@
+"""The scaling policy on a fake clock, as tables of scenarios."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions
+from turnstorm.spec import ScalingBehavior, ScalingPolicy
+
+
+def policy(targets: dict[str, float] | None = None, *, up_window: int = 0,
+           down_window: int = 300, up_percent: int = 100, up_pods: int = 4,
+           down_percent: int = 100, period: int = 15, tolerance: float = 0.1,
+           drain_deadline: int = 900) -> ScalingPolicy:
+    return ScalingPolicy(
+        enabled=True, tolerance=tolerance,
+        targets=targets if targets is not None else {"allocationsPerRelay": 100},
+        scale_up=ScalingBehavior(up_window, up_percent, up_pods, period),
+        scale_down=ScalingBehavior(down_window, down_percent, 0, period),
+        drain_deadline_seconds=drain_deadline,
+    )
+
+
+def relays(*allocations: float | None, ready: bool = True, **signals: list[float | None]
+           ) -> list[RelaySample]:
+    out = []
+    for i, value in enumerate(allocations):
+        sig: dict[str, float | None] = {"allocations": value}
+        for name, values in signals.items():
+            sig[name] = values[i]
+        out.append(RelaySample(f"r{i}", ready=ready, signals=sig))
+    return out
+
+
+HPA = StormOptions(enabled=False)
+
+
+@dataclass
+class Case:
+    name: str
+    samples: list[RelaySample]
+    expect: int
+    targets: dict[str, float] = field(default_factory=lambda: {"allocationsPerRelay": 100})
+    min_r: int = 1
+    max_r: int = 100
+
+
+HPA_CASES = [
+    Case("at target holds", relays(100, 100), 2),
+    Case("inside tolerance holds", relays(108, 108), 2),
+    Case("just outside tolerance scales up", relays(115, 115), 3),
+    Case("double load doubles", relays(200, 200), 4),
+    Case("scale-up capped at max(100%, 4 pods) per period", relays(1000, 1000), 6),
+    Case("max clamps", relays(300, 300), 5, max_r=5),
+    Case("missing relay counts 0 on scale-up", relays(300, None), 3),
+    Case("missing relay flips direction: hold", relays(150, None, None), 3),
+    Case("missing counts at target on scale-down", relays(10, None), 2),
+    Case("all missing holds", relays(None, None, None), 3),
+    Case("max over signals", relays(50, 50, binding_rate=[3000.0, 3000.0]), 6,
+         targets={"allocationsPerRelay": 100, "bindingRatePerRelay": 1000}),
+    Case("cpu percent signal", relays(0, 0, cpu_percent=[140.0, 140.0]), 4,
+         targets={"cpuUtilization": 70}),
+]
+
+
+@pytest.mark.parametrize("case", HPA_CASES, ids=[c.name for c in HPA_CASES])
+def test_hpa_equivalence(case: Case) -> None:
+    scaler = Autoscaler(policy(case.targets), case.min_r, case.max_r, HPA)
+    assert scaler.evaluate(0.0, case.samples).desired == case.expect
+
+
+def test_not_ready_relays_count_zero_on_scale_up() -> None:
+    samples = relays(300, 300) + [RelaySample("new", ready=False, signals={"allocations": None})]
+    decision = Autoscaler(policy(), 1, 100, HPA).evaluate(0.0, samples)
+    # mean over 3 relays = 200 -> ratio 2 -> 6
+    assert decision.desired == 6
+    assert decision.limiting_signal == "allocations"
+    assert decision.ratios["allocations"] == pytest.approx(2.0)
+
+
+def test_scale_down_waits_for_the_stabilization_window() -> None:
+    scaler = Autoscaler(policy(), 1, 100, HPA)
+    assert scaler.evaluate(0.0, relays(100, 100, 100, 100)).desired == 4
+    decisions = [scaler.evaluate(t, relays(20, 20, 20, 20)).desired
+                 for t in (15.0, 150.0, 299.0)]
+    assert decisions == [4, 4, 4]
+    late = scaler.evaluate(301.0, relays(20, 20, 20, 20))
+    assert late.desired == 1
+    assert late.drain == ["r0", "r1", "r2"]
+
+
+def test_flapping_load_does_not_flap_the_pool() -> None:
+    scaler = Autoscaler(policy(), 1, 100, HPA)
+    sizes = []
+    size = 4
+    for step in range(40):
+        load = 130 if step % 2 else 60  # per relay
+        decision = scaler.evaluate(step * 15.0, relays(*([load] * size)))
+        size = decision.desired
+        sizes.append(size)
+    # Up moves follow load at once; down moves need 300 s of low recommendations,
+    # which the alternating load never gives: the pool only grows, then holds.
+    assert sizes == sorted(sizes)
+    assert max(sizes) == sizes[-1]
+
+
+def test_scale_up_rate_is_per_period_from_the_periods_start() -> None:
+    scaler = Autoscaler(policy(), 1, 100, HPA)
+    assert scaler.evaluate(0.0, relays(5000)).desired == 5      # 1 + max(1, 4)
+    assert scaler.evaluate(5.0, relays(*[1000] * 5)).desired == 5   # same period
+    assert scaler.evaluate(16.0, relays(*[1000] * 5)).desired == 10  # 5 + max(5, 4)
+
+
+def test_storm_projection_scales_before_the_target_is_crossed() -> None:
+    hpa = Autoscaler(policy(), 1, 100, HPA)
+    storm = Autoscaler(policy(), 1, 100, StormOptions(lookahead_seconds=30))
+    # Allocations rising 2/s per relay: at t=30 they are at 90 % of target.
+    for t in (0.0, 10.0, 20.0, 30.0):
+        level = 30 + 2 * t
+        h = hpa.evaluate(t, relays(level, level))
+        s = storm.evaluate(t, relays(level, level))
+    assert h.desired == 2
+    assert s.desired == 3 and s.limiting_signal == "allocations"
+
+
+def test_relay_port_capacity_is_a_hard_ceiling_per_relay() -> None:
+    samples = relays(95, 95)
+    for sample in samples:
+        sample.port_capacity = 100
+    # Allocation target 1000 is far away, but 190 allocations need 190/90 -> 3 relays.
+    scaler = Autoscaler(policy({"allocationsPerRelay": 1000}), 1, 10)
+    decision = scaler.evaluate(0.0, samples)
+    assert decision.desired == 3
+    assert decision.limiting_signal == "relay_ports"
+
+
+def test_udp_drops_scale_up_even_without_a_target() -> None:
+    samples = relays(10, 10, udp_rcvbuf_errors=[0.0, 35.0])
+    decision = Autoscaler(policy(), 1, 10).evaluate(0.0, samples)
+    assert decision.desired == 3 and decision.limiting_signal == "udp_drops"
+    assert Autoscaler(policy(), 1, 10, HPA).evaluate(0.0, samples).desired == 2
+
+
+DRAIN_CASES = [
+    ("fewest allocations drained first", [50, 3, 20, 7], 2, ["r1", "r3"]),
+    ("ties broken by name", [0, 0, 0], 2, ["r0"]),
+    ("unknown allocations never drained first", [None, 5, 6], 2, ["r1"]),
+]
+
+
+@pytest.mark.parametrize(("name", "allocs", "keep", "drained"), DRAIN_CASES,
+                         ids=[c[0] for c in DRAIN_CASES])
+def test_drain_selection(name: str, allocs: list[float | None], keep: int,
+                         drained: list[str]) -> None:
+    scaler = Autoscaler(policy({"allocationsPerRelay": 100}, down_window=0), keep, 10, HPA)
+    decision: Decision = scaler.evaluate(0.0, relays(*allocs))
+    assert decision.desired == keep
+    assert decision.drain == drained
+
+
+def test_drained_relays_are_removed_at_zero_or_at_the_deadline() -> None:
+    scaler = Autoscaler(policy(down_window=0, drain_deadline=600), 1, 10, HPA)
+    samples = relays(40, 40)
+    samples += [RelaySample("d0", signals={"allocations": 0}, draining=True, drain_started=0),
+                RelaySample("d1", signals={"allocations": 3}, draining=True, drain_started=0),
+                RelaySample("d2", signals={"allocations": 3}, draining=True,
+                            drain_started=-700)]
+    decision = scaler.evaluate(100.0, samples)
+    assert sorted(decision.remove) == ["d0", "d2"]
+    assert decision.active == 2
+
+
+def test_scale_up_undrains_before_adding() -> None:
+    scaler = Autoscaler(policy(), 1, 10, HPA)
+    samples = relays(150, 150) + [
+        RelaySample("d0", signals={"allocations": 30}, draining=True, drain_started=0),
+    ]
+    decision = scaler.evaluate(10.0, samples)
+    assert decision.desired == 3
+    assert decision.undrain == ["d0"]
+    assert decision.scale_up == 0
+    assert decision.remove == []
+
+
+def test_missing_data_never_scales_down_even_after_the_window() -> None:
+    scaler = Autoscaler(policy(down_window=0), 1, 10)
+    for t in range(0, 900, 15):
+        decision = scaler.evaluate(float(t), relays(None, None, None, None))
+        assert decision.desired == 4
+        assert decision.drain == []
+    assert decision.reason == "no signal data: holding size"

@@ -1,0 +1,289 @@
+"""The scaling policy: per-relay saturation samples in, desired relays and drains out.
+
+Pure: no clocks (``now`` is passed in), no I/O. The same engine drives the kopf operator
+and the local process actuator.
+
+Baseline semantics are the HorizontalPodAutoscaler v2's:
+
+* per signal, ``ratio = mean(value over ready relays) / target`` and
+  ``desired = ceil(active * ratio)``, skipped while ``|ratio - 1| <= tolerance``;
+* on scale-up, not-ready relays and relays missing the signal count as 0; on scale-down
+  relays missing it count as exactly at target (so missing data never scales down);
+* desired = max over signals; the scale-down stabilization window takes the highest
+  recommendation of the window, the scale-up window the lowest;
+* rate limits per period: up by max(percent of the period's starting count, pods),
+  down by percent; then clamped to [min, max].
+
+Storm extensions (``StormOptions``): project fast-growing allocation and binding signals
+forward by the time a new relay takes to start, enforce relay-port capacity as a hard
+floor (each allocation holds one relay port), and scale up at once when the kernel
+drops UDP datagrams.
+
+Scale-down never removes a relay with live allocations: the relays with the fewest
+allocations are *drained* (taken out of rotation) and removed only when their
+allocations reach zero or the drain deadline passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from turnstorm.spec import ScalingPolicy
+
+SIGNALS: dict[str, str] = {
+    "allocationsPerRelay": "allocations",
+    "bindingRatePerRelay": "binding_rate",
+    "relayedPpsPerRelay": "relayed_pps",
+    "udpRcvbufErrorsPerSecond": "udp_rcvbuf_errors",
+    "cpuUtilization": "cpu_percent",
+    "probeRttMs": "probe_rtt_ms",
+}
+"""CRD target name -> signal name in :class:`RelaySample`."""
+
+RATE_SIGNALS = ("allocations", "binding_rate")
+"""Signals whose rate of change is projected forward during storms."""
+
+
+@dataclass
+class RelaySample:
+    """What is known about one relay at one instant."""
+
+    name: str
+    ready: bool = True
+    signals: dict[str, float | None] = field(default_factory=dict)
+    """Signal name -> value; None or absent means missing."""
+    draining: bool = False
+    drain_started: float | None = None
+    port_capacity: int | None = None
+    """Relay ports of this relay (allocations it can hold at most)."""
+
+    @property
+    def allocations(self) -> float | None:
+        return self.signals.get("allocations")
+
+
+@dataclass
+class StormOptions:
+    """How the policy departs from plain HPA to get ahead of a storm."""
+
+    enabled: bool = True
+    """False gives pure HPA v2 behaviour (the baseline)."""
+    lookahead_seconds: float = 30.0
+    """Project rate signals this far ahead: about the time a new relay needs to serve."""
+    slope_window_seconds: float = 30.0
+    """History used to estimate each signal's slope."""
+    port_headroom: float = 0.9
+    """Use at most this share of each relay's ports before adding relays."""
+    udp_drop_step: int = 1
+    """Relays added at once when the kernel drops datagrams and no other signal asks for
+    more."""
+
+
+@dataclass
+class Decision:
+    """One evaluation's outcome and its explanation."""
+
+    desired: int
+    """Relays that should be in rotation."""
+    active: int
+    """Relays in rotation now (ready or starting, not draining)."""
+    ratios: dict[str, float]
+    """Signal -> mean/target over the active relays."""
+    recommendations: dict[str, int]
+    """Signal -> relays it asks for."""
+    limiting_signal: str | None
+    drain: list[str]
+    """Relays to take out of rotation now."""
+    undrain: list[str]
+    """Draining relays to put back in rotation (cheaper than starting new ones)."""
+    remove: list[str]
+    """Drained relays to delete now (no allocations left, or deadline passed)."""
+    reason: str
+
+    @property
+    def scale_up(self) -> int:
+        return max(0, self.desired - self.active - len(self.undrain))
+
+
+class Autoscaler:
+    """Stateful across evaluations (recommendation history, scale events); pure."""
+
+    def __init__(
+        self,
+        policy: ScalingPolicy,
+        min_replicas: int,
+        max_replicas: int,
+        storm: StormOptions | None = None,
+    ) -> None:
+        self.policy = policy
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+        self.storm = storm or StormOptions()
+        self._recommendations: deque[tuple[float, int]] = deque()
+        self._scale_events: deque[tuple[float, int]] = deque()
+        self._history: dict[str, deque[tuple[float, float]]] = {}
+        self._first: tuple[float, int] | None = None
+
+    # -- per-signal recommendations ---------------------------------------------------------
+
+    def _targets(self) -> dict[str, float]:
+        return {SIGNALS[name]: value for name, value in self.policy.targets.items()
+                if name in SIGNALS}
+
+    def _record(self, now: float, signal: str, total: float) -> None:
+        history = self._history.setdefault(signal, deque())
+        history.append((now, total))
+        while history and history[0][0] < now - self.storm.slope_window_seconds:
+            history.popleft()
+
+    def _slope(self, signal: str) -> float:
+        history = self._history.get(signal)
+        if not history or len(history) < 2:
+            return 0.0
+        (t0, v0), (t1, v1) = history[0], history[-1]
+        return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def _signal_recommendation(
+        self, now: float, signal: str, target: float, active: list[RelaySample]
+    ) -> tuple[float, int] | None:
+        """(ratio, relays wanted) for one signal, or None when no relay reports it."""
+        reporting = [r for r in active if r.ready and r.signals.get(signal) is not None]
+        if not reporting:
+            return None
+        count = len(active)
+        values = [float(r.signals[signal] or 0.0) for r in reporting]
+        total = sum(values)
+        if self.storm.enabled and signal in RATE_SIGNALS:
+            self._record(now, signal, total)
+            slope = self._slope(signal)
+            if slope > 0:
+                total += slope * self.storm.lookahead_seconds
+        target = max(target, 1e-9)
+        ratio = (total / len(reporting)) / target
+        if ratio > 1.0:
+            # Scale-up: unready relays and relays missing the signal count as 0.
+            ratio_all = total / count / target
+            if abs(ratio_all - 1.0) <= self.policy.tolerance or ratio_all <= 1.0:
+                return ratio_all, count
+            return ratio_all, math.ceil(count * ratio_all)
+        # Scale-down: relays missing the signal count as exactly at target.
+        missing = count - len(reporting)
+        ratio_down = (total + missing * target) / count / target
+        if abs(ratio_down - 1.0) <= self.policy.tolerance:
+            return ratio_down, count
+        return ratio_down, math.ceil(count * ratio_down)
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def evaluate(self, now: float, relays: list[RelaySample]) -> Decision:
+        active = [r for r in relays if not r.draining]
+        draining = [r for r in relays if r.draining]
+        count = len(active)
+        ratios: dict[str, float] = {}
+        recs: dict[str, int] = {}
+        for signal, target in self._targets().items():
+            result = self._signal_recommendation(now, signal, target, active)
+            if result is not None:
+                ratios[signal], recs[signal] = result
+        storm_floor = self._storm_floor(active)
+        if storm_floor is not None:
+            recs[storm_floor[0]] = storm_floor[1]
+        if not recs:
+            recommendation, limiting = count, None
+            reason = "no signal data: holding size"
+        else:
+            limiting = max(recs, key=lambda s: (recs[s], ratios.get(s, 0.0)))
+            recommendation = recs[limiting]
+            reason = f"{limiting} asks for {recommendation}"
+            if limiting in ratios:
+                reason += f" (ratio {ratios[limiting]:.2f})"
+        desired = self._stabilize(now, recommendation, count)
+        desired = self._rate_limit(now, desired, count)
+        desired = max(self.min_replicas, min(self.max_replicas, desired))
+        if desired != recommendation:
+            reason += f"; behavior limits it to {desired}"
+        if desired != count:
+            self._scale_events.append((now, desired - count))
+        horizon = max(self.policy.scale_up.period_seconds, self.policy.scale_down.period_seconds)
+        while self._scale_events and self._scale_events[0][0] <= now - horizon:
+            self._scale_events.popleft()
+
+        drain: list[str] = []
+        undrain: list[str] = []
+        if desired < count:
+            # Fewest allocations first; unknown counts go last (never guess them empty).
+            order = sorted(active, key=lambda r: (r.allocations is None,
+                                                  r.allocations or 0.0, r.name))
+            drain = [r.name for r in order[:count - desired]]
+        elif desired > count and draining:
+            order = sorted(draining, key=lambda r: -(r.allocations or 0.0))
+            undrain = [r.name for r in order[:desired - count]]
+        remove = [
+            r.name for r in draining if r.name not in undrain and (
+                r.allocations == 0
+                or (r.drain_started is not None
+                    and now - r.drain_started >= self.policy.drain_deadline_seconds))
+        ]
+        return Decision(desired=desired, active=count, ratios=ratios, recommendations=recs,
+                        limiting_signal=limiting, drain=drain, undrain=undrain,
+                        remove=remove, reason=reason)
+
+    def _storm_floor(self, active: list[RelaySample]) -> tuple[str, int] | None:
+        """Hard floors the storm options add: port capacity and UDP drops."""
+        if not self.storm.enabled or not active:
+            return None
+        floor: tuple[str, int] | None = None
+        capacities = [r.port_capacity for r in active if r.port_capacity]
+        allocations = [r.allocations for r in active if r.allocations is not None]
+        if capacities and allocations:
+            per_relay = min(capacities) * self.storm.port_headroom
+            needed = math.ceil(sum(allocations) / per_relay)
+            if needed > len(active):
+                floor = ("relay_ports", needed)
+        drops = [r.signals.get("udp_rcvbuf_errors") for r in active]
+        if "udp_rcvbuf_errors" not in self._targets() and any((d or 0) > 0 for d in drops):
+            needed = len(active) + self.storm.udp_drop_step
+            if floor is None or needed > floor[1]:
+                floor = ("udp_drops", needed)
+        return floor
+
+    def _stabilize(self, now: float, recommendation: int, count: int) -> int:
+        up = self.policy.scale_up.stabilization_window_seconds
+        down = self.policy.scale_down.stabilization_window_seconds
+        if self._first is None:
+            # First evaluation (e.g. after an operator restart): behave as if the current
+            # size had been recommended so far, so nothing shrinks before a full window.
+            self._first = (now, count)
+        self._recommendations.append((now, recommendation))
+        horizon = max(up, down)
+        while self._recommendations and self._recommendations[0][0] < now - horizon:
+            self._recommendations.popleft()
+        up_values = [v for t, v in self._recommendations if t >= now - up]
+        down_values = [v for t, v in self._recommendations if t >= now - down]
+        if self._first[0] > now - down:
+            down_values.append(self._first[1])
+        if recommendation > count:
+            return max(count, min(up_values))
+        if recommendation < count:
+            return min(count, max(down_values))
+        return count
+
+    def _rate_limit(self, now: float, desired: int, count: int) -> int:
+        up = self.policy.scale_up
+        down = self.policy.scale_down
+        if desired > count:
+            changed = sum(d for t, d in self._scale_events if t > now - up.period_seconds and d > 0)
+            start = count - changed
+            limit = max(math.ceil(start * (1 + up.percent / 100)), start + up.pods)
+            return max(count, min(desired, limit))
+        if desired < count:
+            changed = sum(d for t, d in self._scale_events
+                          if t > now - down.period_seconds and d < 0)
+            start = count - changed
+            limit = math.floor(start * (1 - down.percent / 100))
+            if down.pods:
+                limit = max(limit, start - down.pods)
+            return min(count, max(desired, limit))
+        return desired
