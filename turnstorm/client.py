@@ -68,7 +68,9 @@ class _Protocol(asyncio.Protocol, asyncio.DatagramProtocol):
         self.client._socket_error(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._fail_all(ConnectError("connection to the server was closed"))
+        client = self.client
+        client.closed_reason = client.closed_reason or "connection to the server was closed"
+        client._fail_all(ConnectError(client.closed_reason))
 
 
 class StunClient:
@@ -86,6 +88,8 @@ class StunClient:
         self.on_data: DataHandler | None = None
         self.on_indication: Callable[[Message], None] | None = None
         self.received_errors: list[Exception] = []
+        self.closed_reason: str | None = None
+        """Why requests can no longer be sent: closed by us, or by the server."""
 
     @classmethod
     async def connect(
@@ -133,7 +137,7 @@ class StunClient:
     def send_raw(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
-            raise ConnectError("the client is closed")
+            raise ConnectError(self.closed_reason or "the client is closed")
         if self.reliable:
             transport.write(data)  # type: ignore[attr-defined]
         else:
@@ -191,9 +195,9 @@ class StunClient:
         pending = _Pending(transaction, data, future)
         self._pending[request.transaction_id] = pending
         transaction.start(self._loop.time())
-        self.send_raw(data)
-        self._arm(request.transaction_id, pending)
         try:
+            self.send_raw(data)
+            self._arm(request.transaction_id, pending)
             return await future
         finally:
             self._pending.pop(request.transaction_id, None)
@@ -243,6 +247,7 @@ class StunClient:
         return mapped, rtt
 
     def close(self) -> None:
+        self.closed_reason = self.closed_reason or "the client is closed"
         if self._transport is not None:
             self._transport.close()
         self._fail_all(ConnectError("the client is closed"))

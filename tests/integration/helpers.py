@@ -1,0 +1,82 @@
+"""Helpers shared by the integration tests (no fixtures: see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from turnstorm.client import TurnClient
+from turnstorm.localrelay import LocalRelay
+from turnstorm.proto.credentials import Credentials
+from turnstorm.proto.stun import Address, Message
+
+TRANSPORTS = ("udp", "tcp")
+
+FORBIDDEN = ("{method} failed: 403 Forbidden IP "
+             "(the relay's security policy refused it, e.g. a denied peer address)")
+
+
+def unique_user(prefix: str = "it") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def credentials(relay: LocalRelay, user: str | None = None,
+                secret: str | None = None) -> Credentials:
+    """TURN REST credentials for ``relay`` (its own secret unless ``secret`` is given)."""
+    return Credentials.ephemeral(secret or relay.secret, user or unique_user(), time.time())
+
+
+@asynccontextmanager
+async def turn_client(relay: LocalRelay, transport: str,
+                      creds: Credentials | None = None) -> AsyncIterator[TurnClient]:
+    client = await TurnClient.connect((relay.host, relay.port), transport,
+                                      credentials=creds or credentials(relay))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def record_responses(client: TurnClient) -> list[Message]:
+    """Every response the client's transactions get, in order (401s and 438s included)."""
+    responses: list[Message] = []
+    transact = client.transact
+
+    async def recording(request: Message, data: bytes) -> Message:
+        response = await transact(request, data)
+        responses.append(response)
+        return response
+
+    client.transact = recording  # type: ignore[method-assign]
+    return responses
+
+
+def error_codes(responses: list[Message]) -> list[int | None]:
+    return [r.attributes["ERROR-CODE"][0] if "ERROR-CODE" in r.attributes else None
+            for r in responses]
+
+
+def collect_data(client: TurnClient) -> asyncio.Queue[tuple[Address, bytes]]:
+    """Route the client's peer data (Data indications and ChannelData) into a queue."""
+    queue: asyncio.Queue[tuple[Address, bytes]] = asyncio.Queue()
+    client.on_data = lambda peer, data: queue.put_nowait((peer, data))
+    return queue
+
+
+def payload(size: int) -> bytes:
+    """Deterministic bytes, different for every size."""
+    return bytes((size * 7 + i) % 251 for i in range(size))
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float,
+                     interval: float = 0.1) -> float:
+    """Await ``check()`` every ``interval`` until it is true; return the seconds it took."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout:g} s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start
