@@ -94,7 +94,15 @@ def _xor_address_body(raw: bytes, tid: bytes) -> bytes:
     return raw[:2] + _xor_bytes(raw[2:4], COOKIE_BYTES) + _xor_bytes(raw[4:], COOKIE_BYTES + tid)
 
 
+_XOR_IPV4 = struct.Struct("!BBHI")
+
+
 def _pack_xor_address(value: Address, tid: bytes) -> bytes:
+    host, port = value
+    if ":" not in host:
+        # Fast path for IPv4, the common case on a TURN/STUN hot path.
+        addr = int.from_bytes(socket.inet_aton(host), "big") ^ COOKIE
+        return _XOR_IPV4.pack(0, IPV4_PROTOCOL, port ^ 0x2112, addr)
     return _xor_address_body(_pack_address(value, tid), tid)
 
 
@@ -102,10 +110,11 @@ def _unpack_xor_address(data: bytes, tid: bytes) -> Address:
     if len(data) < 4:
         raise StunParseError("STUN address length is less than 4 bytes")
     if data[1] == IPV4_PROTOCOL and len(data) == 8:
-        # Fast path: the common case on a TURN/STUN hot path.
-        port = ((data[2] << 8) | data[3]) ^ 0x2112
-        (addr,) = struct.unpack_from("!I", data, 4)
-        return socket.inet_ntoa(struct.pack("!I", addr ^ COOKIE)), port
+        # Fast path for IPv4: XOR each address byte with the cookie's byte.
+        return (
+            f"{data[4] ^ 0x21}.{data[5] ^ 0x12}.{data[6] ^ 0xA4}.{data[7] ^ 0x42}",
+            ((data[2] << 8) | data[3]) ^ 0x2112,
+        )
     return _unpack_address(_xor_address_body(data, tid), tid)
 
 
@@ -136,32 +145,38 @@ def _unpack_none(data: bytes, tid: bytes) -> None:
     return None
 
 
-def _fixed(fmt: str, what: str) -> tuple[Callable[[Any, bytes], bytes], Callable[[bytes, bytes], Any]]:
-    size = struct.calcsize(fmt)
+_Packer = Callable[[Any, bytes], bytes]
+_Unpacker = Callable[[bytes, bytes], Any]
+
+
+def _fixed(fmt: str, what: str) -> tuple[_Packer, _Unpacker]:
+    packer = struct.Struct(fmt)
+    size = packer.size
 
     def pack(value: int, tid: bytes) -> bytes:
-        return struct.pack(fmt, value)
+        return packer.pack(value)
 
     def unpack(data: bytes, tid: bytes) -> int:
         if len(data) != size:
             raise StunParseError(f"STUN {what} attribute has invalid length {len(data)}")
-        value: int = struct.unpack(fmt, data)[0]
+        value: int = packer.unpack(data)[0]
         return value
 
     return pack, unpack
 
 
-def _padded(fmt: str, what: str) -> tuple[Callable[[Any, bytes], bytes], Callable[[bytes, bytes], Any]]:
+def _padded(fmt: str, what: str) -> tuple[_Packer, _Unpacker]:
     """A value in the first bytes of a 4-byte field; the rest is RFFU (sent as zero)."""
-    size = struct.calcsize(fmt)
+    packer = struct.Struct(fmt)
+    rffu = b"\x00" * (4 - packer.size)
 
     def pack(value: int, tid: bytes) -> bytes:
-        return struct.pack(fmt, value) + b"\x00" * (4 - size)
+        return packer.pack(value) + rffu
 
     def unpack(data: bytes, tid: bytes) -> int:
         if len(data) != 4:
             raise StunParseError(f"STUN {what} attribute has invalid length {len(data)}")
-        value: int = struct.unpack_from(fmt, data)[0]
+        value: int = packer.unpack_from(data)[0]
         return value
 
     return pack, unpack
@@ -203,7 +218,8 @@ def _pack_fixed_bytes(size: int, what: str, max_only: bool = False) -> tuple[
     Callable[[Any, bytes], bytes], Callable[[bytes, bytes], Any]
 ]:
     def unpack(data: bytes, tid: bytes) -> bytes:
-        if (len(data) > size or len(data) < 16) if max_only else len(data) != size:
+        # MESSAGE-INTEGRITY-SHA256 may be truncated to 16..32 bytes, 4 at a time (14.6).
+        if (len(data) > size or len(data) < 16 or len(data) % 4) if max_only else len(data) != size:
             raise StunParseError(f"STUN {what} attribute has invalid length {len(data)}")
         return data
 
@@ -251,6 +267,22 @@ ATTRIBUTES_BY_NAME = {row[1]: row for row in ATTRIBUTES}
 _INTEGRITY_NAMES = frozenset({"MESSAGE-INTEGRITY", "MESSAGE-INTEGRITY-SHA256", "FINGERPRINT"})
 _HEADER = struct.Struct("!HHI12s")
 _ATTR_HEADER = struct.Struct("!HH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
+"""Zero bytes that pad a value of length ``n`` to 4 bytes: ``_PADDING[n & 3]``."""
+
+# Hot-path views of ATTRIBUTES. Encoding: name -> (type, pack), integrity rows left out.
+# Parsing: type -> (name, unpack, is an integrity attribute).
+_ENCODERS = {
+    name: (attr_type, pack)
+    for attr_type, name, pack, _ in ATTRIBUTES
+    if name not in _INTEGRITY_NAMES
+}
+_DECODERS = {
+    attr_type: (name, unpack, name in _INTEGRITY_NAMES)
+    for attr_type, name, _, unpack in ATTRIBUTES
+}
 
 
 def random_transaction_id() -> bytes:
@@ -288,31 +320,38 @@ class Message:
         """Serialize; with ``key``, append MESSAGE-INTEGRITY (``integrity="sha1"``),
         MESSAGE-INTEGRITY-SHA256 (``"sha256"``) or both (``"both"``)."""
         tid = self.transaction_id
-        parts = []
+        parts: list[bytes] = []
+        append = parts.append
+        attr_header = _ATTR_HEADER.pack
+        encoders = _ENCODERS
         for name, value in self.attributes.items():
-            if name in _INTEGRITY_NAMES:
-                continue
-            row = ATTRIBUTES_BY_NAME.get(name)
-            if row is None:
+            entry = encoders.get(name)
+            if entry is None:
+                if name in _INTEGRITY_NAMES:
+                    continue
                 raise ValueError(f"unknown STUN attribute {name!r}")
-            body = row[2](value, tid)
-            parts.append(_ATTR_HEADER.pack(row[0], len(body)))
-            parts.append(body)
-            if len(body) % 4:
-                parts.append(b"\x00" * (4 - len(body) % 4))
+            body = entry[1](value, tid)
+            size = len(body)
+            append(attr_header(entry[0], size))
+            append(body)
+            if size & 3:
+                append(_PADDING[size & 3])
         payload = b"".join(parts)
         msg_type = _message_type(self.method, self.message_class)
         if key is not None:
-            if integrity in ("sha1", "both"):
-                payload = _append_integrity(msg_type, tid, payload, 0x0008, key, hashlib.sha1)
-            if integrity in ("sha256", "both"):
-                payload = _append_integrity(msg_type, tid, payload, 0x001C, key, hashlib.sha256)
-            if integrity not in ("sha1", "sha256", "both"):
+            if integrity == "sha1":
+                payload = _append_integrity(msg_type, tid, payload, 0x0008, key, "sha1")
+            elif integrity == "sha256":
+                payload = _append_integrity(msg_type, tid, payload, 0x001C, key, "sha256")
+            elif integrity == "both":
+                payload = _append_integrity(msg_type, tid, payload, 0x0008, key, "sha1")
+                payload = _append_integrity(msg_type, tid, payload, 0x001C, key, "sha256")
+            else:
                 raise ValueError(f"unknown integrity algorithm {integrity!r}")
         if fingerprint:
             header = _HEADER.pack(msg_type, len(payload) + 8, COOKIE, tid)
-            crc = binascii.crc32(header + payload) ^ FINGERPRINT_XOR
-            payload += _ATTR_HEADER.pack(0x8028, 4) + struct.pack("!I", crc)
+            crc = binascii.crc32(payload, binascii.crc32(header)) ^ FINGERPRINT_XOR
+            payload += _ATTR_HEADER.pack(0x8028, 4) + _U32.pack(crc)
         return _HEADER.pack(msg_type, len(payload), COOKIE, tid) + payload
 
     def check_integrity(self, key: bytes) -> None:
@@ -320,16 +359,17 @@ class Message:
 
         Raises :class:`IntegrityError` when neither is present or the HMAC differs.
         """
-        for name, digest in (("MESSAGE-INTEGRITY-SHA256", hashlib.sha256),
-                             ("MESSAGE-INTEGRITY", hashlib.sha1)):
+        raw = self.raw
+        for name, digest in (("MESSAGE-INTEGRITY-SHA256", "sha256"),
+                             ("MESSAGE-INTEGRITY", "sha1")):
             offset = self.integrity_offsets.get(name)
             if offset is None:
                 continue
-            length = struct.unpack_from("!H", self.raw, offset + 2)[0]
-            expected = self.raw[offset + 4:offset + 4 + length]
-            header = bytearray(self.raw[:HEADER_LENGTH])
-            struct.pack_into("!H", header, 2, offset + 4 + length - HEADER_LENGTH)
-            mac = hmac.new(key, bytes(header) + self.raw[HEADER_LENGTH:offset], digest).digest()
+            (length,) = _U16.unpack_from(raw, offset + 2)
+            expected = raw[offset + 4:offset + 4 + length]
+            # The HMAC covers the header with a length that ends at this attribute.
+            header = raw[:2] + _U16.pack(offset + 4 + length - HEADER_LENGTH) + raw[4:HEADER_LENGTH]
+            mac = _hmac(key, header + raw[HEADER_LENGTH:offset], digest)
             if not hmac.compare_digest(mac[:length], expected):
                 raise IntegrityError(f"STUN message has a wrong {name}")
             return
@@ -339,7 +379,7 @@ class Message:
         offset = self.integrity_offsets.get("FINGERPRINT")
         if offset is None:
             raise IntegrityError("STUN message has no FINGERPRINT")
-        (value,) = struct.unpack_from("!I", self.raw, offset + 4)
+        (value,) = _U32.unpack_from(self.raw, offset + 4)
         if binascii.crc32(self.raw[:offset]) ^ FINGERPRINT_XOR != value:
             raise IntegrityError("STUN message has a wrong FINGERPRINT")
 
@@ -363,12 +403,48 @@ def _message_type(method: int, message_class: int) -> int:
     )
 
 
+_HMAC_PADS: dict[tuple[str, bytes], tuple[Any, Any]] = {}
+_HMAC_PADS_MAX = 1024
+
+
+def _hmac(key: bytes, data: bytes, algorithm: str) -> bytes:
+    """HMAC (RFC 2104) with the keyed inner and outer hash states cached per key.
+
+    Same result as ``hmac.digest``; a long-term key signs many messages, and building
+    the OpenSSL HMAC context dominates the cost of a short message.
+    """
+    key = bytes(key)  # a hashable cache key, also for a bytearray
+    cache_key = (algorithm, key)
+    pads = _HMAC_PADS.get(cache_key)
+    if pads is None:
+        inner, outer = hashlib.new(algorithm), hashlib.new(algorithm)
+        block = inner.block_size
+        if len(key) > block:
+            key = hashlib.new(algorithm, key).digest()
+        key = key.ljust(block, b"\x00")
+        inner.update(key.translate(_IPAD))
+        outer.update(key.translate(_OPAD))
+        if len(_HMAC_PADS) >= _HMAC_PADS_MAX:
+            _HMAC_PADS.clear()
+        pads = _HMAC_PADS[cache_key] = inner, outer
+    inner = pads[0].copy()
+    inner.update(data)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    digest: bytes = outer.digest()
+    return digest
+
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
 def _append_integrity(
-    msg_type: int, tid: bytes, payload: bytes, attr: int, key: bytes, digest: Any
+    msg_type: int, tid: bytes, payload: bytes, attr: int, key: bytes, digest: str
 ) -> bytes:
     size = 20 if attr == 0x0008 else 32
     header = _HEADER.pack(msg_type, len(payload) + 4 + size, COOKIE, tid)
-    mac = hmac.new(key, header + payload, digest).digest()
+    mac = _hmac(key, header + payload, digest)
     return payload + _ATTR_HEADER.pack(attr, size) + mac
 
 
@@ -381,50 +457,58 @@ def parse(data: bytes) -> Message:
         raise StunParseError("STUN message type has the top two bits set")
     if cookie != COOKIE:
         raise StunParseError("STUN message has an invalid magic cookie")
-    if length % 4:
+    if length & 3:
         raise StunParseError("STUN message length is not a multiple of 4")
-    if len(data) != HEADER_LENGTH + length:
+    end = len(data)
+    if end != HEADER_LENGTH + length:
         raise StunParseError("STUN message length does not match the datagram")
-    data = bytes(data)
+    if type(data) is not bytes:
+        data = bytes(data)
     attributes: dict[str, Any] = {}
     offsets: dict[str, int] = {}
     unknown: list[int] = []
+    decoders = _DECODERS
+    attr_header = _ATTR_HEADER.unpack_from
+    protected = False  # a MESSAGE-INTEGRITY(-SHA256) was seen
+    fingerprinted = False
+    # The body length is a multiple of 4 and so is every padded attribute: each
+    # attribute header is whole, and the padding never runs past the end.
     pos = HEADER_LENGTH
-    end = len(data)
-    by_type = ATTRIBUTES_BY_TYPE
     while pos < end:
-        if end - pos < 4:
-            raise StunParseError("STUN attribute header is truncated")
-        attr_type = (data[pos] << 8) | data[pos + 1]
-        attr_len = (data[pos + 2] << 8) | data[pos + 3]
-        value_end = pos + 4 + attr_len
-        if value_end > end:
+        attr_type, attr_len = attr_header(data, pos)
+        start = pos + 4
+        pos = start + attr_len
+        if pos > end:
             raise StunParseError("STUN attribute length exceeds the message")
-        row = by_type.get(attr_type)
-        if row is None:
+        entry = decoders.get(attr_type)
+        if entry is None:
             if attr_type < 0x8000:
                 unknown.append(attr_type)
-        elif "FINGERPRINT" in offsets:
+        elif fingerprinted:
             raise StunParseError("STUN attribute follows FINGERPRINT")
-        elif row[1] in _INTEGRITY_NAMES:
-            if row[1] not in offsets:
-                row[3](data[pos + 4:value_end], tid)  # validates the length
-                offsets[row[1]] = pos
-        elif "MESSAGE-INTEGRITY" not in offsets and "MESSAGE-INTEGRITY-SHA256" not in offsets:
+        elif entry[2]:
+            name = entry[0]
+            if name not in offsets:
+                entry[1](data[start:pos], tid)  # validates the length
+                offsets[name] = start - 4
+                if name == "FINGERPRINT":
+                    fingerprinted = True
+                else:
+                    protected = True
+        elif not protected:
             # Attributes after MESSAGE-INTEGRITY are ignored (RFC 8489 section 14.5).
-            if row[1] not in attributes:
-                attributes[row[1]] = row[3](data[pos + 4:value_end], tid)
-        pos = value_end + (-attr_len % 4)
-    if pos != end:
-        raise StunParseError("STUN attribute padding exceeds the message")
+            name = entry[0]
+            if name not in attributes:
+                attributes[name] = entry[1](data[start:pos], tid)
+        pos += -attr_len & 3
     return Message(
-        method=(msg_type & 0x000F) | ((msg_type & 0x00E0) >> 1) | ((msg_type & 0x3E00) >> 2),
-        message_class=msg_type & 0x0110,
-        transaction_id=tid,
-        attributes=attributes,
-        unknown_required=unknown,
-        raw=data,
-        integrity_offsets=offsets,
+        (msg_type & 0x000F) | ((msg_type & 0x00E0) >> 1) | ((msg_type & 0x3E00) >> 2),
+        msg_type & 0x0110,
+        tid,
+        attributes,
+        unknown,
+        data,
+        offsets,
     )
 
 
