@@ -246,6 +246,28 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 ]
 
 
+def _add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from turnstorm.loadgen import storm
+
+    p = sub.add_parser(
+        "storm",
+        help="run Locust headless against relays: TURN calls, Binding floods, CGNAT shapes",
+        description=(
+            "Load STUN/TURN relays with Locust users in this process, bounded by "
+            "--duration and --max-pps, and report media RTT percentiles, jitter, loss and "
+            "relay overhead next to the ideal column. Targets outside loopback need "
+            "--allow-target."
+        ),
+        epilog="example: turnstorm storm --target turn:127.0.0.1:3478 --secret-file "
+               "secret.txt --users 20 --duration 30 --out results/",
+    )
+    storm.add_arguments(p)
+    p.set_defaults(func=storm.main_run)
+
+
+SUBCOMMANDS.append(_add_storm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turnstorm",

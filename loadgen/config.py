@@ -1,0 +1,172 @@
+"""What the Locust users need to know: targets, credentials, peer, session shape, bounds.
+
+Pure data (no gevent). ``turnstorm storm`` builds a :class:`LoadgenConfig` directly; a
+plain ``locust -f`` run builds it from the command-line options that
+:mod:`turnstorm.loadgen.users` registers (see :func:`config_from_options`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from turnstorm.errors import TurnstormError
+from turnstorm.proto.stun import Address
+from turnstorm.proto.transaction import RetransmitPolicy
+from turnstorm.uri import ServerUri, check_target, parse_uri
+
+DEFAULT_MAX_PPS = 20000.0
+"""Packets per second per generator process unless the user asks for another bound."""
+
+
+class ConfigError(TurnstormError):
+    """A load generator setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SessionLength:
+    """A distribution of call lengths in seconds: ``fixed:S``, ``uniform:A-B`` or ``exp:MEAN``
+    (exponential, capped at 10x the mean so a run stays bounded)."""
+
+    kind: str
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, text: str) -> SessionLength:
+        kind, _, spec = text.partition(":")
+        if not spec:  # a bare number is a fixed length
+            kind, spec = "fixed", text
+        try:
+            if kind == "uniform":
+                low_text, _, high_text = spec.partition("-")
+                low, high = float(low_text), float(high_text)
+            elif kind in ("fixed", "exp"):
+                low = high = float(spec)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"session length {text!r}: expected fixed:S, uniform:A-B or "
+                              "exp:MEAN (seconds)") from None
+        if not 0 < low <= high:
+            raise ConfigError(f"session length {text!r}: lengths must be positive, A <= B")
+        return cls(kind, low, high)
+
+    def sample(self, rng: random.Random) -> float:
+        if self.kind == "uniform":
+            return rng.uniform(self.low, self.high)
+        if self.kind == "exp":
+            return min(rng.expovariate(1 / self.low), 10 * self.low)
+        return self.low
+
+
+@dataclass
+class LoadgenConfig:
+    """Settings shared by every user in one generator process."""
+
+    targets: list[ServerUri]
+    """Relays to load; users are spread over them round-robin."""
+    secret: str | None = None
+    """coturn ``static-auth-secret`` for TURN REST credentials (TURN users need it)."""
+    peer: Address | None = None
+    """UDP echo peer behind the relay (TURN users need it)."""
+    session_length: SessionLength = field(default_factory=lambda: SessionLength("fixed", 30, 30))
+    """Length of one call."""
+    call_gap: float = 1.0
+    """Seconds a TURN user waits between calls."""
+    frame_interval: float = 0.020
+    """Media packet spacing, seconds (20 ms: 50 packets/s)."""
+    frame_bytes: int = 640
+    """Media payload size (20 ms of 16 kHz 16-bit PCM)."""
+    binding_interval: float = 0.0
+    """Seconds between Binding requests of one STUN user (0: flood; 15-30: keepalives)."""
+    summary_interval: float = 1.0
+    """Seconds between the MEDIA summary events one TURN user fires."""
+    echo_grace: float = 0.5
+    """Seconds to wait for echoes still in flight when a call ends."""
+    lifetime: int = 600
+    """Requested allocation LIFETIME, seconds."""
+    allocation_refresh: float = 540.0
+    """Refresh the allocation this many seconds after it was (re)freshed."""
+    permission_refresh: float = 240.0
+    """Refresh the permission (CreatePermission) this often; permissions live 300 s."""
+    channel_refresh: float = 540.0
+    """Refresh the channel binding this often; channels live 600 s."""
+    max_pps: float = DEFAULT_MAX_PPS
+    """Upper bound on packets sent per second by this process (requests and media)."""
+    policy: RetransmitPolicy = field(default_factory=RetransmitPolicy)
+    """Retransmission of requests (RFC 8489 defaults)."""
+    user_prefix: str = "storm"
+    """REST username prefix; a user number is appended."""
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("at least one --target is needed")
+        if self.max_pps <= 0:
+            raise ConfigError("--max-pps must be positive")
+        if self.frame_interval <= 0 or self.frame_bytes < 12:
+            raise ConfigError("media frames need a positive interval and at least 12 bytes")
+
+    @property
+    def media_pps(self) -> float:
+        return 1 / self.frame_interval
+
+
+def read_secret(path: str) -> str:
+    """A shared secret file: one line, surrounding whitespace ignored."""
+    try:
+        with open(path, encoding="utf8") as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"secret file {path} is empty")
+    return secret
+
+
+def parse_peer(text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"peer {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_targets(texts: Sequence[str], allowed: Sequence[str] = ()) -> list[ServerUri]:
+    """Parse and allow-list-check each target; only UDP is supported by the generator."""
+    targets = []
+    for text in texts:
+        uri = parse_uri(text)
+        check_target(uri.host, allowed)
+        if uri.transport != "udp":
+            raise ConfigError(f"target {text!r}: the load generator speaks UDP only")
+        targets.append(uri)
+    return targets
+
+
+def config_from_options(options: Any) -> LoadgenConfig:
+    """Build the config from Locust's parsed options (``--turn-*``) or the environment
+    variables ``TURNSTORM_TARGETS`` (comma-separated), ``TURNSTORM_SECRET_FILE``,
+    ``TURNSTORM_PEER``, ``TURNSTORM_SESSION``, ``TURNSTORM_MAX_PPS``,
+    ``TURNSTORM_ALLOW_TARGETS``."""
+    def option(name: str, env: str, default: str = "") -> str:
+        value = getattr(options, name, None) if options is not None else None
+        return str(value) if value not in (None, "") else os.environ.get(env, default)
+
+    targets = [t for t in option("turn_targets", "TURNSTORM_TARGETS").split(",") if t]
+    allowed = [a for a in option("turn_allow_targets", "TURNSTORM_ALLOW_TARGETS").split(",")
+               if a]
+    secret_file = option("turn_secret_file", "TURNSTORM_SECRET_FILE")
+    peer = option("turn_peer", "TURNSTORM_PEER")
+    parsed_peer = parse_peer(peer) if peer else None
+    if parsed_peer is not None:
+        check_target(parsed_peer[0], allowed)
+    return LoadgenConfig(
+        targets=parse_targets(targets, allowed),
+        secret=read_secret(secret_file) if secret_file else None,
+        peer=parsed_peer,
+        session_length=SessionLength.parse(option("turn_session", "TURNSTORM_SESSION", "30")),
+        max_pps=float(option("turn_max_pps", "TURNSTORM_MAX_PPS", str(DEFAULT_MAX_PPS))),
+    )

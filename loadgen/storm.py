@@ -1,0 +1,283 @@
+"""``turnstorm storm``: Locust headless, in-process, against relays on loopback (or allowed).
+
+Locust (and its gevent monkey-patching) is imported only when a storm actually runs, so
+the rest of the CLI stays free of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from turnstorm.errors import TurnstormError
+from turnstorm.loadgen.config import (
+    DEFAULT_MAX_PPS,
+    ConfigError,
+    LoadgenConfig,
+    SessionLength,
+    parse_peer,
+    parse_targets,
+    read_secret,
+)
+from turnstorm.loadgen.metrics import MediaStats, total
+from turnstorm.proto.stun import Address
+from turnstorm.uri import check_target
+
+MAX_DURATION = 24 * 3600.0
+IDEAL = {"latency": "< 150 ms", "loss": "< 1 %", "jitter": "< 20 ms",
+         "relay overhead": "0-30 ms"}
+"""The human-call column of the design's table."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", action="append", required=True, metavar="URI",
+                   help="relay to load, turn:HOST[:PORT] (repeatable; IP literals, UDP)")
+    p.add_argument("--allow-target", action="append", default=[], metavar="ADDR|CIDR",
+                   help="allow a non-loopback relay or peer you own (repeatable)")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="coturn static-auth-secret (TURN REST credentials); needed for TURN")
+    p.add_argument("--peer", metavar="HOST:PORT",
+                   help="UDP echo peer behind the relay (default: start one on 127.0.0.1)")
+    p.add_argument("--mix", choices=("turn", "stun", "both"), default="turn",
+                   help="users: TURN calls, STUN Binding floods, or both (default turn)")
+    p.add_argument("--shape", default="steady",
+                   help="load shape: steady, ramp, reconnect-storm, flash-crowd, diurnal")
+    p.add_argument("--shape-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="shape parameter, e.g. fraction=0.5 (repeatable)")
+    p.add_argument("--users", type=int, default=10,
+                   help="users for the steady shape and reconnect-storm (default 10)")
+    p.add_argument("--spawn-rate", type=float, default=10.0,
+                   help="users started per second for the steady shape (default 10)")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds the storm lasts, at most 86400 (default 60)")
+    p.add_argument("--max-pps", type=float, default=DEFAULT_MAX_PPS,
+                   help=f"packets/s bound for the generator (default {DEFAULT_MAX_PPS:g})")
+    p.add_argument("--session", default="uniform:10-30",
+                   help="call length: fixed:S, uniform:A-B or exp:MEAN (default uniform:10-30)")
+    p.add_argument("--binding-interval", type=float, default=0.0,
+                   help="seconds between one STUN user's Bindings (0: flood; default 0)")
+    p.add_argument("--cgnat", metavar="GATEWAYS:QUOTA:TIMEOUT",
+                   help="put subscribers behind emulated CGNAT gateways on 127.100.0.x, "
+                        "e.g. 4:64:120")
+    p.add_argument("--out", metavar="DIR", help="write results.json and CSV files here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.duration <= MAX_DURATION:
+        raise ConfigError(f"--duration must be between 0 and {MAX_DURATION:g} seconds")
+    if args.users < 0 or args.spawn_rate <= 0:
+        raise ConfigError("--users must be >= 0 and --spawn-rate positive")
+    targets = parse_targets(args.target, args.allow_target)
+    secret = read_secret(args.secret_file) if args.secret_file else None
+    if args.mix != "stun" and secret is None:
+        raise ConfigError("TURN users need --secret-file (or use --mix stun)")
+    shape_params = _shape_params(args.shape_param)
+    peer = parse_peer(args.peer) if args.peer else None
+    if peer is not None:
+        check_target(peer[0], args.allow_target)
+    cgnat = _cgnat(args.cgnat) if args.cgnat else None
+    echo = None
+    if peer is None and args.mix != "stun":
+        echo, peer = start_echo_process()
+    try:
+        config = LoadgenConfig(
+            targets=targets, secret=secret, peer=peer,
+            session_length=SessionLength.parse(args.session), max_pps=args.max_pps,
+            binding_interval=args.binding_interval)
+        result = _run_locust(args, config, shape_params, cgnat)
+    finally:
+        if echo is not None:
+            echo.terminate()
+            echo.wait(5)
+    report = build_report(result, args)
+    if args.out:
+        write_outputs(args.out, report, result)
+    print_table(report)
+    return 0
+
+
+def _run_locust(args: argparse.Namespace, config: LoadgenConfig,
+                shape_params: dict[str, float], cgnat: Any) -> Any:
+    # Locust first: it monkey-patches the process with gevent at import.
+    from turnstorm.loadgen.runner import run_locust
+    from turnstorm.loadgen.shapes import make_shape
+    from turnstorm.loadgen.users import StunBindingUser, TurnSessionUser
+
+    mixes: dict[str, list[type[Any]]] = {"turn": [TurnSessionUser], "stun": [StunBindingUser],
+                                         "both": [TurnSessionUser, StunBindingUser]}
+    classes = mixes[args.mix]
+    shape = None
+    if args.shape != "steady" or shape_params:
+        params = {"duration": args.duration, **shape_params}
+        if args.shape in ("steady", "reconnect-storm") and "users" not in params:
+            params["users"] = args.users
+        shape = make_shape(args.shape, **params)
+    progress = None if args.quiet else _progress_printer()
+    return run_locust(config, classes, duration=args.duration, users=args.users,
+                      spawn_rate=args.spawn_rate, shape=shape, cgnat=cgnat, progress=progress)
+
+
+def _shape_params(items: list[str]) -> dict[str, float]:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--shape-param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip().replace("-", "_")] = float(value)
+        except ValueError:
+            raise ConfigError(f"--shape-param {item!r}: {value!r} is not a number") from None
+    return params
+
+
+def _cgnat(text: str) -> Any:
+    from turnstorm.loadgen.cgnat import Population
+
+    parts = text.split(":")
+    try:
+        gateways, quota, timeout = int(parts[0]), int(parts[1]), float(parts[2])
+        return Population.build(gateways, quota, timeout, hold=2.0)
+    except (IndexError, ValueError):
+        raise ConfigError(f"--cgnat {text!r}: expected GATEWAYS:QUOTA:TIMEOUT with "
+                          "positive numbers, e.g. 4:64:120") from None
+
+
+def start_echo_process() -> tuple[subprocess.Popen[str], Address]:
+    """A standalone echo peer (its own process: its CPU does not skew the generator)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "turnstorm.loadgen.echo", "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.startswith("echo listening on "):
+        process.kill()
+        raise TurnstormError(f"the echo peer did not start: {line or 'no output'}")
+    return process, parse_peer(line.removeprefix("echo listening on "))
+
+
+def _progress_printer() -> Callable[[float, Any], None]:
+    last = {"sent": 0, "t": 0.0}
+
+    def show(elapsed: float, environment: Any) -> None:
+        state = environment.turnstorm
+        media = total(state.media.values())
+        counters = state.counters
+        stats = environment.stats.total
+        rate = (stats.num_requests - last["sent"]) / max(elapsed - last["t"], 1e-9)
+        last.update(sent=stats.num_requests, t=elapsed)
+        print(f"[{elapsed:5.0f} s] users {environment.runner.user_count:4d}  "
+              f"req/s {rate:7.0f}  fail {stats.num_failures:5d}  "
+              f"alloc ok {counters['allocations_ok']:4d} failed "
+              f"{counters['allocations_failed']:4d}  media rtt p50 "
+              f"{media.rtt.percentile_ms(50):7.2f} ms  loss {media.loss_pct:5.2f} %",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def build_report(result: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from turnstorm.loadgen.runner import transactions
+
+    state = result.state
+    media: MediaStats = total(state.media.values())
+    summary = media.as_dict()
+    counters = state.counters
+    return {
+        "rtt_ms": summary["rtt_ms"],
+        "jitter_ms": summary["jitter_ms"],
+        "delay_std_ms": summary["delay_std_ms"],
+        "loss_pct": summary["loss_pct"],
+        "relay_overhead_ms": summary["relay_overhead_ms"],
+        "binding_rtt_ms": summary["binding_rtt_ms"],
+        "allocations": {"ok": counters["allocations_ok"],
+                        "failed": counters["allocations_failed"],
+                        "released": counters["released"],
+                        "release_failed": counters["release_failed"]},
+        "cgnat": {"remaps": counters["cgnat_remaps"], "exhausted": counters["cgnat_exhausted"]},
+        "packets": summary["packets"],
+        "send_lag_ms": state.send_lag.summary_ms(),
+        "transactions": transactions(result.environment),
+        "targets": {key: stats.as_dict() for key, stats in state.media.items()},
+        "run": {"duration_s": round(result.elapsed, 3), "shape": args.shape,
+                "mix": args.mix, "users": args.users, "max_pps": args.max_pps},
+    }
+
+
+def write_outputs(directory: str, report: dict[str, Any], result: Any) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "results.json"), "w", encoding="utf8") as handle:
+            json.dump(report, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        with open(os.path.join(directory, "transactions.csv"), "w", newline="",
+                  encoding="utf8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["type", "name", "count", "failures", "median_ms", "p95_ms",
+                             "p99_ms", "avg_ms"])
+            for entry in sorted(result.environment.stats.entries.values(),
+                                key=lambda e: (e.method, e.name)):
+                writer.writerow([entry.method, entry.name, entry.num_requests,
+                                 entry.num_failures, entry.median_response_time,
+                                 entry.get_response_time_percentile(0.95),
+                                 entry.get_response_time_percentile(0.99),
+                                 round(entry.avg_response_time, 3)])
+        with open(os.path.join(directory, "media.csv"), "w", newline="",
+                  encoding="utf8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["target", "rtt_p50_ms", "rtt_p95_ms", "rtt_p99_ms", "rtt_p999_ms",
+                             "jitter_ms", "delay_std_ms", "loss_pct", "relay_overhead_ms",
+                             "sent", "received"])
+            for target, row in report["targets"].items():
+                rtt = row["rtt_ms"]
+                writer.writerow([target, rtt["p50"], rtt["p95"], rtt["p99"], rtt["p999"],
+                                 row["jitter_ms"], row["delay_std_ms"], row["loss_pct"],
+                                 row["relay_overhead_ms"], row["packets"]["sent"],
+                                 row["packets"]["received"]])
+    except OSError as exc:
+        raise TurnstormError(f"cannot write results to {directory}: {exc.strerror}") from None
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rtt = report["rtt_ms"]
+    overhead = report["relay_overhead_ms"]
+    rows = [
+        ("latency (media RTT p50/p99)", f"{rtt['p50']:.2f} / {rtt['p99']:.2f} ms",
+         IDEAL["latency"], rtt["p99"] < 150),
+        ("loss", f"{report['loss_pct']:.2f} %", IDEAL["loss"], report["loss_pct"] < 1),
+        ("jitter (delay std; RFC 3550)",
+         f"{report['delay_std_ms']:.2f} ms; {report['jitter_ms']:.2f} ms", IDEAL["jitter"],
+         report["delay_std_ms"] < 20),
+        ("relay overhead", "n/a" if overhead is None else f"{overhead:.2f} ms",
+         IDEAL["relay overhead"], overhead is not None and overhead <= 30),
+    ]
+    print(f"{'figure':<30}{'measured':>22}  {'ideal':<10}")
+    for label, value, ideal, ok in rows:
+        print(f"{label:<30}{value:>22}  {ideal:<10}{'' if ok else '  OUTSIDE'}")
+    alloc = report["allocations"]
+    print(f"allocations ok {alloc['ok']}, failed {alloc['failed']}, released "
+          f"{alloc['released']}; packets {report['packets']['sent']} sent, "
+          f"{report['packets']['received']} echoed")
+
+
+def configure_logging() -> None:
+    """Locust logs every user start at INFO; a storm shows its own progress instead."""
+    import logging
+
+    logging.getLogger("locust").setLevel(logging.WARNING)
+
+
+def main_run(args: argparse.Namespace) -> int:
+    configure_logging()
+    started = time.monotonic()
+    code = run(args)
+    if not args.quiet:
+        print(f"storm finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return code

@@ -1,0 +1,344 @@
+"""A gevent-friendly synchronous STUN/TURN client over UDP.
+
+The asyncio client (:mod:`turnstorm.client`) cannot run inside Locust's gevent hub; this
+one reuses the same pure parts (the codec and :class:`ClientTransaction`) on a
+``gevent.socket``. One greenlet per client receives every datagram and dispatches it:
+responses to the waiting request by transaction id, ChannelData to a callback by channel
+number. Requests block only the calling greenlet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import AsyncResult
+
+from turnstorm.errors import TurnstormError, Unauthorized, error_for
+from turnstorm.proto import stun
+from turnstorm.proto.credentials import Credentials
+from turnstorm.proto.stun import Address, Class, Message, Method
+from turnstorm.proto.transaction import ClientTransaction, RetransmitPolicy
+
+ChannelHandler = Callable[[int, bytes, float], None]
+"""Called with ``(channel, payload, received_at)`` for every ChannelData datagram."""
+DataHandler = Callable[[Address, bytes, float], None]
+"""Called with ``(peer, data, received_at)`` for every Data indication."""
+
+METHOD_NAMES = {
+    Method.BINDING: "Binding",
+    Method.ALLOCATE: "Allocate",
+    Method.REFRESH: "Refresh",
+    Method.CREATE_PERMISSION: "CreatePermission",
+    Method.CHANNEL_BIND: "ChannelBind",
+}
+RECV_SIZE = 65535
+_CHANNEL_HEADER = struct.Struct("!HH")
+clock = time.perf_counter
+"""The one clock of this module: request RTTs, retransmission deadlines, media stamps."""
+
+
+class WireError(TurnstormError):
+    """The socket failed: the server is unreachable or the client is closed."""
+
+
+@dataclass
+class Allocation:
+    relayed: Address
+    mapped: Address
+    lifetime: int
+
+
+class UdpClient:
+    """One UDP socket connected to one STUN/TURN server, with long-term authentication.
+
+    ``local`` binds the socket first (the CGNAT emulation uses it to pick the 5-tuple the
+    relay sees). Handles the 401 -> REALM/NONCE -> authenticated retry and one 438
+    stale-nonce retry per request.
+    """
+
+    def __init__(
+        self,
+        server: Address,
+        *,
+        credentials: Credentials | None = None,
+        local: Address | None = None,
+        policy: RetransmitPolicy | None = None,
+    ) -> None:
+        self.server = server
+        self.credentials = credentials
+        self.policy = policy or RetransmitPolicy()
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self.sock: Any = gsocket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if local is not None:
+                self.sock.bind(local)
+            self.sock.connect(server)
+        except OSError as exc:
+            self.sock.close()
+            raise WireError(f"cannot open UDP {_fmt(local or ('*', 0))} -> {_fmt(server)}: "
+                            f"{exc.strerror or exc}") from None
+        self.realm: str | None = None
+        self.nonce: bytes | None = None
+        self.key: bytes | None = None
+        self.allocation: Allocation | None = None
+        self.channels: dict[int, Address] = {}
+        self.on_channel_data: ChannelHandler | None = None
+        self.on_data: DataHandler | None = None
+        self.retransmits = 0
+        """Requests sent again by the retransmission timer (amplification measure)."""
+        self.parse_errors = 0
+        self.last_rtt = 0.0
+        """RTT of the last completed transaction, seconds."""
+        self._pending: dict[bytes, AsyncResult] = {}
+        self._next_channel = stun.CHANNEL_MIN
+        self._closed = False
+        self._receiver = gevent.spawn(self._receive_loop)
+
+    @property
+    def local_address(self) -> Address:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    # -- wire ------------------------------------------------------------------------------
+
+    def send_raw(self, data: bytes) -> None:
+        if self._closed:
+            raise WireError("the client is closed")
+        try:
+            self.sock.send(data)
+        except OSError as exc:
+            raise WireError(f"cannot send to {_fmt(self.server)}: {exc.strerror or exc}") from None
+
+    def _receive_loop(self) -> None:
+        recv = self.sock.recv
+        unpack = _CHANNEL_HEADER.unpack_from
+        while True:
+            try:
+                data = recv(RECV_SIZE)
+            except OSError as exc:
+                if self._closed:
+                    return
+                # ICMP port unreachable on a connected socket: fail what is waiting.
+                self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
+                                         f"{exc.strerror or exc}"))
+                gevent.sleep(0.01)
+                continue
+            now = clock()
+            if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+                channel, length = unpack(data)
+                handler = self.on_channel_data
+                if handler is not None and length <= len(data) - 4:
+                    handler(channel, data[4:4 + length], now)
+                continue
+            try:
+                message = stun.parse(data)
+            except stun.StunParseError:
+                self.parse_errors += 1
+                continue
+            if message.message_class in (Class.RESPONSE, Class.ERROR):
+                waiter = self._pending.get(message.transaction_id)
+                if waiter is not None and not waiter.ready():
+                    waiter.set((message, now))
+            elif message.method == Method.DATA and self.on_data is not None:
+                peer = message.attributes.get("XOR-PEER-ADDRESS")
+                payload = message.attributes.get("DATA")
+                if peer is not None and payload is not None:
+                    self.on_data(peer, payload, now)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for waiter in self._pending.values():
+            if not waiter.ready():
+                waiter.set_exception(exc)
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def transact(self, request: Message, data: bytes) -> tuple[Message, float]:
+        """Send ``data`` (the encoded ``request``) with retransmissions per the policy.
+
+        Returns the response and the RTT in seconds measured from the last send.
+        Raises :class:`TransactionTimeout` when the schedule runs out.
+        """
+        name = METHOD_NAMES.get(Method(request.method), "request")
+        transaction = ClientTransaction(name, policy=self.policy)
+        waiter = AsyncResult()
+        tid = request.transaction_id
+        self._pending[tid] = waiter
+        try:
+            sent_at = clock()
+            transaction.start(sent_at)
+            self.send_raw(data)
+            while True:
+                deadline = transaction.deadline
+                assert deadline is not None
+                waiter.wait(max(0.0, deadline - clock()))
+                if waiter.ready():
+                    message, received_at = waiter.get()
+                    transaction.on_response()
+                    self.last_rtt = received_at - sent_at
+                    return message, self.last_rtt
+                if transaction.on_timer(clock()):
+                    self.retransmits += 1
+                    sent_at = clock()
+                    self.send_raw(data)
+        finally:
+            self._pending.pop(tid, None)
+
+    def request(self, request: Message, key: bytes | None = None) -> tuple[Message, float]:
+        """An unauthenticated request; error responses raise their specific error."""
+        response, rtt = self.transact(request, request.encode(key, fingerprint=True))
+        if response.message_class == Class.ERROR:
+            raise _error(request, response)
+        return response, rtt
+
+    def binding(self) -> tuple[Address, float]:
+        """One Binding transaction: the server-reflexive address and the RTT in seconds."""
+        response, rtt = self.request(Message(Method.BINDING, Class.REQUEST))
+        mapped = response.attributes.get("XOR-MAPPED-ADDRESS") or response.attributes.get(
+            "MAPPED-ADDRESS")
+        if mapped is None:
+            raise TurnstormError("Binding response has no XOR-MAPPED-ADDRESS")
+        return mapped, rtt
+
+    def auth_request(self, request: Message) -> tuple[Message, float]:
+        """Send ``request`` with long-term credentials, learning REALM/NONCE as needed.
+
+        The RTT returned is the one of the final (successful) transaction.
+        """
+        method = METHOD_NAMES.get(Method(request.method), "request")
+        challenged = stale = False
+        while True:
+            key = self._authenticate(request)
+            response, rtt = self.transact(request, request.encode(key, fingerprint=True))
+            if response.message_class != Class.ERROR:
+                return response, rtt
+            code, reason = response.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
+            if code in (401, 438) and "NONCE" in response.attributes:
+                if code == 401 and (challenged or key is not None):
+                    raise Unauthorized(method, code, reason.strip())
+                if code == 438 and stale:
+                    raise error_for(method, code, reason)
+                challenged = challenged or code == 401
+                stale = stale or code == 438
+                self._learn_nonce(response)
+                request = Message(request.method, Class.REQUEST, attributes={
+                    k: v for k, v in request.attributes.items()
+                    if k not in ("USERNAME", "REALM", "NONCE")
+                })
+                continue
+            raise error_for(method, code, reason)
+
+    def _authenticate(self, request: Message) -> bytes | None:
+        if self.key is None or self.credentials is None:
+            return None
+        request.attributes["USERNAME"] = self.credentials.username
+        request.attributes["REALM"] = self.realm
+        request.attributes["NONCE"] = self.nonce
+        return self.key
+
+    def _learn_nonce(self, response: Message) -> None:
+        if self.credentials is None:
+            raise TurnstormError("the server requires credentials and none were given")
+        self.nonce = response.attributes["NONCE"]
+        realm = response.attributes.get("REALM", self.realm)
+        if realm is None:
+            raise TurnstormError("the server's 401 response has no REALM")
+        self.realm = realm
+        self.key = self.credentials.key(realm)
+
+    # -- TURN operations --------------------------------------------------------------------
+
+    def allocate(self, lifetime: int | None = None) -> tuple[Allocation, float]:
+        attributes: dict[str, Any] = {"REQUESTED-TRANSPORT": stun.UDP_TRANSPORT}
+        if lifetime is not None:
+            attributes["LIFETIME"] = lifetime
+        response, rtt = self.auth_request(Message(Method.ALLOCATE, Class.REQUEST,
+                                                  attributes=attributes))
+        for name in ("XOR-RELAYED-ADDRESS", "XOR-MAPPED-ADDRESS", "LIFETIME"):
+            if name not in response.attributes:
+                raise TurnstormError(f"Allocate response has no {name}")
+        self.allocation = Allocation(
+            relayed=response.attributes["XOR-RELAYED-ADDRESS"],
+            mapped=response.attributes["XOR-MAPPED-ADDRESS"],
+            lifetime=response.attributes["LIFETIME"],
+        )
+        return self.allocation, rtt
+
+    def refresh(self, lifetime: int | None = None) -> tuple[int, float]:
+        """Refresh the allocation; ``lifetime=0`` releases it. Returns (granted, rtt)."""
+        attributes: dict[str, Any] = {}
+        if lifetime is not None:
+            attributes["LIFETIME"] = lifetime
+        response, rtt = self.auth_request(Message(Method.REFRESH, Class.REQUEST,
+                                                  attributes=attributes))
+        granted: int = response.attributes.get("LIFETIME", 0 if lifetime == 0 else -1)
+        if self.allocation is not None:
+            self.allocation.lifetime = granted
+        if lifetime == 0:
+            self.allocation = None
+        return granted, rtt
+
+    def create_permission(self, peer: Address) -> float:
+        _, rtt = self.auth_request(Message(Method.CREATE_PERMISSION, Class.REQUEST,
+                                           attributes={"XOR-PEER-ADDRESS": peer}))
+        return rtt
+
+    def channel_bind(self, peer: Address, channel: int | None = None) -> tuple[int, float]:
+        """Bind (or refresh, with the same ``channel``) a channel to ``peer``."""
+        if channel is None:
+            if self._next_channel > stun.CHANNEL_MAX:
+                raise TurnstormError("all 4096 channel numbers are in use")
+            channel = self._next_channel
+            self._next_channel += 1
+        _, rtt = self.auth_request(Message(Method.CHANNEL_BIND, Class.REQUEST, attributes={
+            "CHANNEL-NUMBER": channel, "XOR-PEER-ADDRESS": peer,
+        }))
+        self.channels[channel] = peer
+        return channel, rtt
+
+    def send_channel(self, channel: int, payload: bytes) -> None:
+        """One ChannelData datagram (no validation: the hot path of media)."""
+        self.send_raw(_CHANNEL_HEADER.pack(channel, len(payload)) + payload)
+
+    def send_indication(self, peer: Address, data: bytes) -> None:
+        self.send_raw(Message(Method.SEND, Class.INDICATION, attributes={
+            "XOR-PEER-ADDRESS": peer, "DATA": data}).encode())
+
+    def close(self) -> None:
+        """Close without releasing (see :meth:`release_and_close`)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(WireError("the client is closed"))
+        self._receiver.kill(block=False)
+        self.sock.close()
+
+    def release_and_close(self, timeout: float = 5.0) -> None:
+        """Release the allocation if there is one (best effort), then close."""
+        if self.allocation is not None:
+            with contextlib.suppress(Exception), gevent.Timeout(timeout, False):
+                self.refresh(0)
+        self.close()
+
+    def __enter__(self) -> UdpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error(request: Message, response: Message) -> Exception:
+    code, reason = response.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
+    return error_for(METHOD_NAMES.get(Method(request.method), "request"), code, reason)
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
