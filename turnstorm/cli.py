@@ -268,6 +268,28 @@ def _add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 SUBCOMMANDS.append(_add_storm)
 
 
+def _add_exporter(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from turnstorm import exporter
+
+    p = sub.add_parser(
+        "exporter",
+        help="serve a relay's live coturn and kernel UDP signals as Prometheus metrics",
+        description=(
+            "Relay exporter (sidecar sharing the relay's network namespace): reads "
+            "allocations and sessions from coturn's admin CLI, UDP receive-buffer errors, "
+            "socket drops and queues from /proc, and the relay's CPU with --pid, and "
+            "serves them on /metrics. Metric names: see turnstorm.exporter."
+        ),
+        epilog="example: TURNSTORM_CLI_PASSWORD=... turnstorm exporter --cli 127.0.0.1:5766 "
+               "--listen 0.0.0.0:9641",
+    )
+    exporter.add_arguments(p)
+    p.set_defaults(func=exporter.main_run)
+
+
+SUBCOMMANDS.append(_add_exporter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turnstorm",

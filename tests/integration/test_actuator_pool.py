@@ -1,0 +1,145 @@
+"""LocalPool lifecycle on real coturn: start, cap, drain, remove, close; nothing left over."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from tests.conftest import require
+from tests.integration.helpers import unique_user
+from turnstorm.actuator import LocalPool, PoolError
+from turnstorm.cgroup import CgroupError, detect
+from turnstorm.client import TurnClient
+from turnstorm.errors import StunErrorResponse
+from turnstorm.policy import Decision
+from turnstorm.proto.credentials import Credentials
+
+pytestmark = pytest.mark.integration
+
+
+def turnserver_pids() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", encoding="ascii") as handle:
+                    if handle.read().strip() == "turnserver":
+                        pids.add(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something holds UDP ``host:port`` (from /proc/net/udp)."""
+    a, b, c, d = (int(x) for x in host.split("."))
+    local = f"{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}"
+    with open("/proc/net/udp", encoding="ascii") as handle:
+        return any(line.split()[1] == local for line in handle.read().splitlines()[1:])
+
+
+@pytest.fixture
+def cgroups_root(turnserver_bin: str) -> str:
+    try:
+        root = detect().root
+    except CgroupError as exc:
+        require(False, str(exc))
+    require(os.access(root, os.W_OK), f"no write access to {root} (root needed)")
+    return root
+
+
+def test_pool_lifecycle_leaves_nothing_behind(cgroups_root: str) -> None:
+    with LocalPool(cpus=0.5) as pool:
+        a = pool.start_relay()
+        b = pool.start_relay()
+        assert a.host != b.host and {a.host, b.host} <= {f"127.0.0.{x}" for x in range(2, 255)}
+        assert a.port == b.port  # one address per relay, the same port
+        assert b.pid is not None and b.pid in turnserver_pids()
+        assert pool.rotation() == [a.uri, b.uri]
+        for member in (a, b):
+            assert member.cgroup is not None and member.pid in member.cgroup.pids()
+            quota = os.path.join(member.cgroup.path, "cpu.cfs_quota_us")
+            if os.path.exists(quota):
+                with open(quota, encoding="ascii") as handle:
+                    assert int(handle.read()) == 50_000  # 0.5 of a 100 ms period
+        assert pool.allocations(a.name) == 0
+        pool.drain(b.name, now=10.0)
+        assert pool.rotation() == [a.uri]
+        assert b.alternate == a.address
+        samples = {s.name: s for s in pool.samples(now=11.0)}
+        assert samples[b.name].draining and samples[b.name].drain_started == 10.0
+        assert samples[a.name].allocations == 0.0 and samples[a.name].ready
+        assert samples[a.name].port_capacity == pool.max_port - pool.min_port + 1
+        pool.undrain(b.name)
+        assert pool.rotation() == [a.uri, b.uri] and b.alternate is None
+        assert pool.remove(b.name) == 0
+        assert not listening(b.host, b.port)
+        assert b.pid not in turnserver_pids()
+        with pytest.raises(PoolError, match="no relay named"):
+            pool.remove(b.name)
+        paths = [a.cgroup.path] if a.cgroup else []
+        pids = {a.pid}
+    assert not pids & turnserver_pids()
+    assert not listening(a.host, a.port)
+    assert not any(os.path.exists(p) for p in paths)
+    assert pool.allocations_cut == 0 and pool.relays == {}
+
+
+def test_pool_cleans_up_on_exception(cgroups_root: str) -> None:
+    with pytest.raises(RuntimeError, match="boom"), LocalPool(cpus=0.25) as pool:
+        member = pool.start_relay()
+        path = member.cgroup.path if member.cgroup else ""
+        pid = member.pid
+        raise RuntimeError("boom")
+    assert pid not in turnserver_pids()
+    assert path and not os.path.exists(path)
+
+
+def test_apply_decision_scales_up_and_removes(cgroups_root: str) -> None:
+    def decision(**kw: object) -> Decision:
+        base: dict[str, object] = dict(desired=1, active=1, ratios={}, recommendations={},
+                                       limiting_signal=None, drain=[], undrain=[], remove=[],
+                                       reason="test")
+        base.update(kw)
+        return Decision(**base)  # type: ignore[arg-type]
+
+    with LocalPool(cpus=0.5) as pool:
+        done = pool.apply(decision(desired=2, active=0))
+        assert len(done["started"]) == 2 and len(pool.relays) == 2
+        first, second = done["started"]
+        done = pool.apply(decision(desired=1, active=2, drain=[second]), now=5.0)
+        assert done["drained"] == [second] and pool.relays[second].draining
+        done = pool.apply(decision(desired=1, active=1, remove=[second]))
+        assert done["removed"] == [second] and list(pool.relays) == [first]
+        assert pool.allocations_cut == 0
+
+
+async def test_drained_relay_redirects_new_allocations(cgroups_root: str) -> None:
+    with LocalPool(cpus=0.5) as pool:
+        a, b = pool.start_relay(), pool.start_relay()
+        creds = Credentials.ephemeral(pool.secret, unique_user("pool"), time.time())
+        client = await TurnClient.connect((b.host, b.port), "udp", credentials=creds)
+        try:
+            await client.allocate()
+            assert await asyncio.to_thread(pool.allocations, b.name) == 1
+            await asyncio.to_thread(pool.drain, b.name)
+            newcomer = await TurnClient.connect((b.host, b.port), "udp", credentials=creds)
+            with pytest.raises(StunErrorResponse) as refused:
+                await newcomer.allocate()
+            newcomer.close()
+            assert refused.value.code == 300
+            # The existing allocation keeps working and can be released normally.
+            assert await client.refresh(600) == 600
+            await client.release()
+            assert await asyncio.to_thread(pool.allocations, b.name) in (0, 1)
+        finally:
+            await client.aclose()
+        deadline = time.monotonic() + 5
+        while await asyncio.to_thread(pool.allocations, b.name) != 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(pool.remove, b.name) == 0
+        assert pool.rotation() == [a.uri]
