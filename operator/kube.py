@@ -7,6 +7,7 @@ talks to a real test apiserver.
 from __future__ import annotations
 
 import secrets
+import threading
 from typing import Any
 
 from kubernetes import client, config
@@ -36,11 +37,22 @@ class Kube:
         self.dynamic = DynamicClient(api_client)
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
+        # kopf runs sync handlers in a thread pool; the dynamic client's discovery cache
+        # is not thread-safe (seen corrupting itself with KeyError), so lookups are
+        # serialized and memoized. Requests themselves run concurrently.
+        self._lock = threading.Lock()
+        self._resources: dict[tuple[str, str], Any] = {}
 
     def resource(self, api_version: str, kind: str) -> Any:
-        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+        key = (api_version, kind)
+        with self._lock:
+            if key not in self._resources:
+                self._resources[key] = self.dynamic.resources.get(api_version=api_version,
+                                                                  kind=kind)
+            return self._resources[key]
 
     def has_resource(self, api_version: str, kind: str) -> bool:
+        """Whether the API serves ``kind`` (a CRD installed later is seen on a later call)."""
         try:
             self.resource(api_version, kind)
         except ResourceNotFoundError:
