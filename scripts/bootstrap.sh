@@ -20,7 +20,7 @@ command -v "$PYTHON" >/dev/null || die "python3 not found; install Python 3.11 o
 
 # --- system packages ------------------------------------------------------------------
 APT_RUN=(coturn)
-APT_TEST=(coturn prometheus iproute2 nftables)
+APT_TEST=(coturn prometheus iproute2 nftables openssl)
 if [ "$MODE" = test ]; then packages=("${APT_TEST[@]}"); else packages=("${APT_RUN[@]}"); fi
 missing=()
 for pkg in "${packages[@]}"; do
@@ -58,4 +58,16 @@ if [ ! -e "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[$extra]"
   touch "$stamp"
 fi
+# --- the k8s test tier's control plane (kube-apiserver, etcd, kubectl from Go modules) ---
+if [ "$MODE" = test ]; then
+  if command -v go >/dev/null; then
+    say "control plane: $(scripts/build-control-plane.sh --print-dir)"
+    scripts/build-control-plane.sh >/dev/null
+  elif [ "${CI:-}" = true ]; then
+    die "CI needs Go to build the test control plane (kube-apiserver, etcd, kubectl)"
+  else
+    say "Go not found: the k8s test tier will be skipped (install Go 1.26+ to run it)"
+  fi
+fi
+
 say "ready ($MODE)"
