@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import kopf
 
+from turnstorm.operator import metrics
+from turnstorm.operator.autoscale import (
+    ExporterScraper,
+    PoolScaler,
+    PrometheusSource,
+    SignalSource,
+    autoscale_pool,
+    scaler_for,
+)
 from turnstorm.operator.kube import Kube, load_api_client
-from turnstorm.operator.reconcile import Outcome, reconcile_pool
+from turnstorm.operator.reconcile import Outcome, deployment_replicas, reconcile_pool
 from turnstorm.operator.render import DEFAULT_EXPORTER_IMAGE
-from turnstorm.spec import GROUP, VERSION
+from turnstorm.spec import GROUP, VERSION, SpecError, TurnPoolSpec, turnpool_from_object
+
+TIMER_SECONDS = float(os.environ.get("TURNSTORM_TIMER_SECONDS", "5"))
+"""How often each pool's timer wakes; the policy runs every spec.metrics.intervalSeconds."""
 
 _state: dict[str, Any] = {}
 
@@ -54,6 +67,7 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
         else:
             kopf.info(body, reason=event.reason, message=event.message)
     if outcome.retry_after is not None:
+        metrics.RETRIES.inc()
         # Status is patched by kopf even when the handler asks for a retry.
         raise kopf.TemporaryError(outcome.status["conditions"][0]["message"],
                                   delay=outcome.retry_after)
@@ -63,24 +77,88 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
 @kopf.on.create(GROUP, VERSION, "turnpools")
 @kopf.on.update(GROUP, VERSION, "turnpools")
 def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    outcome = reconcile_pool(kube(), dict(body), exporter_image())
+    pools: set[str] = _state.setdefault("pools", set())
+    pools.add(body["metadata"]["uid"])
+    metrics.POOLS.set(len(pools))
+    with metrics.RECONCILE_SECONDS.labels("reconcile").time(), \
+            metrics.RECONCILE_ERRORS.labels("reconcile").count_exceptions(Exception):
+        outcome = reconcile_pool(kube(), dict(body), exporter_image())
     _apply_outcome(outcome, body, patch)
 
 
-@kopf.timer(GROUP, VERSION, "turnpools", interval=15.0, initial_delay=5.0, idle=0)
-def track(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Track actual state (relays ready, objects drifted) between spec changes."""
-    status = body.get("status") or {}
+def signal_source(spec: TurnPoolSpec) -> SignalSource | None:
+    if spec.metrics_source == "prometheus":
+        return PrometheusSource(spec.prometheus_url) if spec.prometheus_url else None
+    return ExporterScraper()
+
+
+def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
+               status: dict[str, Any]) -> None:
+    """Run the policy when due; update ``status`` in place and post events."""
+    scaler: PoolScaler = scaler_for(spec, getattr(memo, "scaler", None))
+    memo.scaler = scaler
+    now = time.monotonic()
+    if now - scaler.last_eval < spec.interval_seconds - 0.05:
+        return
+    scaler.last_eval = now
+    deployment = kube().get("apps/v1", "Deployment", spec.namespace, spec.name)
+    if deployment is None:
+        return
+    source = signal_source(spec)
+    if source is None:
+        status["lastDecision"] = "metrics.source is prometheus but metrics.prometheusURL " \
+                                 "is unset: holding size"
+        return
+    replicas = int(deployment["spec"].get("replicas") or deployment_replicas(spec, status))
+    outcome = autoscale_pool(kube(), spec, replicas, scaler, source, now, time.time())
+    status.update(outcome.status)
+    labels = (spec.namespace, spec.name)
+    metrics.DESIRED.labels(*labels).set(outcome.decision.desired)
+    metrics.DEPLOYMENT.labels(*labels).set(outcome.replicas)
+    metrics.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
+    for signal, ratio in outcome.decision.ratios.items():
+        metrics.SATURATION.labels(*labels, signal).set(ratio)
+    for kind, reason, message in outcome.events:
+        metrics.SCALE_EVENTS.labels(reason).inc()
+        (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
+
+
+@kopf.timer(GROUP, VERSION, "turnpools", interval=TIMER_SECONDS, initial_delay=1.0, idle=0)
+def track(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Track actual state (relays ready, drift) and autoscale, between spec changes."""
+    status = dict(body.get("status") or {})
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return  # the change handler has not run yet for this generation
-    outcome = reconcile_pool(kube(), dict(body), exporter_image())
-    outcome.events = [e for e in outcome.events if e.type == "Warning" and
-                      e.reason != "SecretMissing"]
-    if outcome.retry_after is not None:
-        outcome.retry_after = None
+    raw = dict(body)
+    with metrics.RECONCILE_SECONDS.labels("track").time(), \
+            metrics.RECONCILE_ERRORS.labels("track").count_exceptions(Exception):
+        try:
+            spec = turnpool_from_object(raw)
+        except SpecError:
+            return  # reported by the change handler
+        if spec.scaling.enabled and status.get("conditions") and any(
+                c.get("reason") != "SecretMissing" for c in status["conditions"]):
+            before = dict(status)
+            _autoscale(body, spec, memo, status)
+            for key, value in status.items():
+                if before.get(key) != value:
+                    patch.status[key] = value
+            raw["status"] = status
+        outcome = reconcile_pool(kube(), raw, exporter_image())
+    outcome.events = [e for e in outcome.events if e.type == "Warning"
+                      and e.reason != "SecretMissing"]
+    outcome.retry_after = None
     _apply_outcome(outcome, body, patch)
 
 
-@kopf.on.probe(id="relays")
+@kopf.on.delete(GROUP, VERSION, "turnpools", optional=True)
+def forget(body: kopf.Body, **_: Any) -> None:
+    """Owned objects go with the pool (owner references); only forget it here."""
+    pools: set[str] = _state.setdefault("pools", set())
+    pools.discard(body["metadata"]["uid"])
+    metrics.POOLS.set(len(pools))
+
+
+@kopf.on.probe(id="pools")
 def pools_seen(**_: Any) -> int:
-    return len(_state)
+    return len(_state.get("pools", ()))

@@ -111,9 +111,18 @@ class Kube:
         return [self.api_client.sanitize_for_serialization(p) for p in pods.items]
 
     def patch_pod_metadata(self, namespace: str, name: str, labels: dict[str, str],
-                           annotations: dict[str, str]) -> None:
+                           annotations: dict[str, str | None]) -> None:
+        """Merge-patch labels/annotations; a None value removes the key."""
         body = {"metadata": {"labels": labels, "annotations": annotations}}
         self.core.patch_namespaced_pod(name, namespace, body)
+
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
 
 def random_password() -> str:

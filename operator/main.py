@@ -7,13 +7,18 @@ import os
 
 
 def run(*, namespace: str | None, liveness: str | None, kubeconfig: str | None,
-        exporter_image: str | None) -> None:
+        exporter_image: str | None, metrics_port: int | None = None) -> None:
     if kubeconfig:
         os.environ["TURNSTORM_KUBECONFIG"] = kubeconfig
         os.environ["KUBECONFIG"] = kubeconfig
     if exporter_image:
         os.environ["TURNSTORM_EXPORTER_IMAGE"] = exporter_image
     import kopf
+
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
 
     from turnstorm.operator import handlers  # noqa: F401 - registers the handlers
 

@@ -46,12 +46,18 @@ def condition(type_: str, ok: bool | None, reason: str, message: str, generation
 
 
 def desired_replicas(spec: TurnPoolSpec, status: dict[str, Any]) -> int:
-    """The count to apply: the autoscaler's current decision when there is one, else the
+    """Relays in rotation: the autoscaler's current decision when there is one, else the
     spec's target; always inside [min, max]."""
     wanted = spec.target_replicas
     if spec.scaling.enabled and isinstance(status.get("desiredReplicas"), int):
         wanted = status["desiredReplicas"]
     return max(spec.min_replicas, min(spec.max_replicas, wanted))
+
+
+def deployment_replicas(spec: TurnPoolSpec, status: dict[str, Any]) -> int:
+    """Pods the Deployment keeps: relays in rotation plus those still draining."""
+    draining = (status.get("drainingRelays") or []) if spec.scaling.enabled else []
+    return desired_replicas(spec, status) + len(draining)
 
 
 def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Outcome:
@@ -94,7 +100,7 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
 
     replicas = desired_replicas(spec, old_status)
     objects = render.render_pool(
-        spec, replicas=replicas, exporter_image=exporter_image,
+        spec, replicas=deployment_replicas(spec, old_status), exporter_image=exporter_image,
         service_monitor_available=spec.service_monitor
         and kube.has_resource("monitoring.coreos.com/v1", "ServiceMonitor"),
     )

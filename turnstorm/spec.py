@@ -219,6 +219,9 @@ class ScalingPolicy:
     scale_up: ScalingBehavior
     scale_down: ScalingBehavior
     drain_deadline_seconds: int
+    storm_enabled: bool = True
+    lookahead_seconds: float = 30.0
+    port_headroom: float = 0.9
 
 
 @dataclass
@@ -307,6 +310,9 @@ def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
             scale_up=behavior(sc["scaleUp"]),
             scale_down=behavior(sc["scaleDown"]),
             drain_deadline_seconds=sc["drainDeadlineSeconds"],
+            storm_enabled=sc["storm"]["enabled"],
+            lookahead_seconds=float(sc["storm"]["lookaheadSeconds"]),
+            port_headroom=sc["storm"]["portHeadroomPercent"] / 100,
         ),
         metrics_source=s["metrics"]["source"],
         prometheus_url=s["metrics"].get("prometheusURL"),

@@ -16,6 +16,8 @@ from tests.conftest import IN_CI, require
 from turnstorm.testing.controlplane import ControlPlane, build_binaries, cached_bin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+# The operator's timers wake every second in tests (read when the handlers are imported).
+os.environ.setdefault("TURNSTORM_TIMER_SECONDS", "1")
 
 
 def _binaries() -> Path:
@@ -59,7 +61,7 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2,
-             what: str = "condition") -> Any:
+             what: str | Callable[[], str] = "condition") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -67,4 +69,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if last:
             return last
         time.sleep(interval)
+    if callable(what):
+        what = what()
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")

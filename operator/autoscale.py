@@ -1,0 +1,307 @@
+"""Autoscaling a TurnPool: read live relay signals, run the policy, drain before removing.
+
+Kept kopf-free: the timer handler passes plain data, a :class:`Kube`, a signal source and
+the clock. Scale-in never deletes a relay with live allocations:
+
+1. the policy picks the relays with the fewest allocations;
+2. they leave rotation: label ``turnstorm.io/rotation=draining`` (the client Service
+   selects ``active`` only, so no new allocation lands there) and
+   ``controller.kubernetes.io/pod-deletion-cost`` very low, so that the ReplicaSet deletes
+   exactly these pods when ``replicas`` drops;
+3. ``replicas`` drops only when a draining relay's allocations reach 0 or its drain
+   deadline passes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from turnstorm.exporter import SignalTracker, scrape_signals
+from turnstorm.operator.kube import Kube
+from turnstorm.operator.render import (
+    DELETION_COST,
+    ROTATION_ACTIVE,
+    ROTATION_DRAINING,
+    ROTATION_LABEL,
+    selector_string,
+)
+from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions
+from turnstorm.proto import stun
+from turnstorm.spec import TurnPoolSpec
+
+DRAIN_STARTED = "turnstorm.io/drain-started"
+REMOVED_AT = "turnstorm.io/removed-at"
+REMOVE_GRACE_SECONDS = 30.0
+"""After lowering replicas, the ReplicaSet should delete the removed relay. It ranks
+not-ready pods before deletion cost, so if the removed relay still exists after this
+grace the operator deletes it itself (replicas already count it out)."""
+DRAINING_COST = "-1000000"
+
+
+@dataclass
+class PodView:
+    name: str
+    ip: str | None
+    ready: bool
+    draining: bool
+    drain_started: float | None
+    deleting: bool
+    removed_at: float | None = None
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
+    views = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        labels = meta.get("labels") or {}
+        annotations = meta.get("annotations") or {}
+        conditions = status.get("conditions") or []
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        views.append(PodView(
+            name=meta["name"], ip=status.get("podIP"), ready=ready,
+            draining=labels.get(ROTATION_LABEL) == ROTATION_DRAINING,
+            drain_started=_parse_time(annotations.get(DRAIN_STARTED)),
+            deleting=bool(meta.get("deletionTimestamp")),
+            removed_at=_parse_time(annotations.get(REMOVED_AT)),
+        ))
+    return sorted(views, key=lambda v: v.name)
+
+
+class SignalSource(Protocol):
+    def read(self, spec: TurnPoolSpec, pods: list[PodView]) -> dict[str, dict[str, float] | None]:
+        """Raw exporter values per pod name; None when the pod's signals are missing."""
+
+
+class ExporterScraper:
+    """Scrapes each relay's exporter sidecar directly (no Prometheus needed)."""
+
+    def __init__(self, timeout: float = 2.0) -> None:
+        self.timeout = timeout
+
+    def read(self, spec: TurnPoolSpec, pods: list[PodView]) -> dict[str, dict[str, float] | None]:
+        out: dict[str, dict[str, float] | None] = {}
+        for pod in pods:
+            out[pod.name] = None
+            if not pod.ip:
+                continue
+            host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
+            url = f"http://{host}:{spec.exporter_port}/metrics"
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                    text = response.read().decode("utf8", "replace")
+                out[pod.name] = scrape_signals(text)
+            except (OSError, ValueError, urllib.error.URLError):
+                continue
+        return out
+
+
+class PrometheusSource:
+    """Reads the exporters' series from Prometheus (``pod`` label from the ServiceMonitor)."""
+
+    def __init__(self, base_url: str, timeout: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def query(self, spec: TurnPoolSpec, pods: list[PodView]) -> str:
+        names = "|".join(p.name for p in pods)
+        return (f'{{__name__=~"turnstorm_relay_.+",namespace="{spec.namespace}",'
+                f'pod=~"{names}"}}')
+
+    def read(self, spec: TurnPoolSpec, pods: list[PodView]) -> dict[str, dict[str, float] | None]:
+        import json
+        import urllib.parse
+
+        out: dict[str, dict[str, float] | None] = {p.name: None for p in pods}
+        if not pods:
+            return out
+        url = (f"{self.base_url}/api/v1/query?"
+               + urllib.parse.urlencode({"query": self.query(spec, pods)}))
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                payload = json.load(response)
+        except (OSError, ValueError, urllib.error.URLError):
+            return out
+        for item in payload.get("data", {}).get("result", []):
+            metric = item.get("metric", {})
+            pod = metric.get("pod")
+            name = metric.get("__name__", "")
+            if pod not in out or not name.startswith("turnstorm_relay_"):
+                continue
+            values = out[pod] or {}
+            key = name[len("turnstorm_relay_"):]
+            values[key] = values.get(key, 0.0) + float(item["value"][1])
+            out[pod] = values
+        return out
+
+
+def probe_rtt_ms(host: str, port: int, timeout: float = 1.0) -> float | None:
+    """The operator's own black-box STUN Binding RTT to one relay, or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        start = time.perf_counter()
+        try:
+            sock.sendto(request.encode(), (host, port))
+            while True:
+                data = sock.recv(2048)
+                if stun.is_stun(data) and data[8:20] == request.transaction_id:
+                    return (time.perf_counter() - start) * 1000
+        except OSError:
+            return None
+
+
+def storm_options(spec: TurnPoolSpec) -> StormOptions:
+    return StormOptions(enabled=spec.scaling.storm_enabled,
+                        lookahead_seconds=spec.scaling.lookahead_seconds,
+                        port_headroom=spec.scaling.port_headroom)
+
+
+@dataclass
+class PoolScaler:
+    """Per-pool autoscaling state, kept in memory by the operator (lost on restart, which
+    is safe: the policy then holds the size for a full stabilization window)."""
+
+    autoscaler: Autoscaler
+    tracker: SignalTracker
+    fingerprint: str
+    last_eval: float = 0.0
+
+
+def scaler_for(spec: TurnPoolSpec, existing: PoolScaler | None) -> PoolScaler:
+    fingerprint = repr((spec.scaling, spec.min_replicas, spec.max_replicas, spec.cpu))
+    if existing is not None and existing.fingerprint == fingerprint:
+        return existing
+    return PoolScaler(
+        autoscaler=Autoscaler(spec.scaling, spec.min_replicas, spec.max_replicas,
+                              storm_options(spec)),
+        tracker=SignalTracker(cpu_limit_cores=spec.cpu_cores),
+        fingerprint=fingerprint,
+    )
+
+
+@dataclass
+class ScaleOutcome:
+    decision: Decision
+    replicas: int
+    status: dict[str, Any]
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def samples_for(spec: TurnPoolSpec, views: list[PodView], replicas: int,
+                raw: Mapping[str, dict[str, float] | None], scaler: PoolScaler,
+                now: float, wall: float, probe: bool) -> list[RelaySample]:
+    samples = []
+    for view in views:
+        if view.deleting or view.removed_at is not None:
+            continue
+        values = raw.get(view.name)
+        signals: dict[str, float | None] = (
+            dict(scaler.tracker.update(view.name, now, values)) if values is not None else {})
+        if probe and view.ip and view.ready:
+            signals["probe_rtt_ms"] = probe_rtt_ms(view.ip, spec.udp_port)
+        samples.append(RelaySample(
+            name=view.name, ready=view.ready, signals=signals, draining=view.draining,
+            drain_started=(now - (wall - view.drain_started)
+                           if view.drain_started is not None else None),
+            port_capacity=spec.relay_port_count,
+        ))
+    # Pods the Deployment wants but that do not exist yet: not ready, no data.
+    active = sum(1 for s in samples if not s.draining)
+    draining = sum(1 for s in samples if s.draining)
+    for index in range(max(0, replicas - draining - active)):
+        samples.append(RelaySample(name=f"(pending-{index})", ready=False))
+    return samples
+
+
+def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolScaler,
+                   source: SignalSource, now: float, wall: float) -> ScaleOutcome:
+    """One evaluation: signals -> decision -> pod labels and Deployment replicas."""
+    pods = kube.list_pods(spec.namespace, selector_string(spec))
+    views = pod_views(pods)
+    events: list[tuple[str, str, str]] = []
+    for view in views:
+        if (view.removed_at is not None and not view.deleting
+                and wall - view.removed_at >= REMOVE_GRACE_SECONDS):
+            kube.delete_pod(spec.namespace, view.name)
+            events.append(("Normal", "Delete", f"relay {view.name} deleted: the ReplicaSet "
+                                               "kept it after its removal"))
+    live = [v for v in views if not v.deleting and v.removed_at is None]
+    raw = source.read(spec, live)
+    samples = samples_for(spec, views, replicas, raw, scaler, now, wall,
+                          probe="probeRttMs" in spec.scaling.targets)
+    decision = scaler.autoscaler.evaluate(now, samples)
+    by_name = {s.name: s for s in samples}
+
+    for name in decision.drain:
+        if name.startswith("(pending"):
+            continue
+        kube.patch_pod_metadata(spec.namespace, name, {ROTATION_LABEL: ROTATION_DRAINING},
+                                {DRAIN_STARTED: iso(wall), DELETION_COST: DRAINING_COST})
+        events.append(("Normal", "Drain", f"relay {name} out of rotation with "
+                       f"{_allocs(by_name[name])} allocations"))
+    for name in decision.undrain:
+        kube.patch_pod_metadata(spec.namespace, name, {ROTATION_LABEL: ROTATION_ACTIVE},
+                                {DRAIN_STARTED: None, DELETION_COST: None})
+        events.append(("Normal", "Undrain", f"relay {name} back in rotation"))
+    for name in decision.remove:
+        sample = by_name[name]
+        why = ("no allocations left" if sample.allocations == 0
+               else f"drain deadline passed with {_allocs(sample)} allocations")
+        kube.patch_pod_metadata(spec.namespace, name, {}, {REMOVED_AT: iso(wall)})
+        events.append(("Normal" if sample.allocations == 0 else "Warning", "Remove",
+                       f"relay {name} removed: {why}"))
+
+    draining = [s for s in samples if s.draining and s.name not in decision.undrain
+                and s.name not in decision.remove]
+    draining_names = [s.name for s in draining] + [n for n in decision.drain
+                                                   if not n.startswith("(pending")]
+    new_replicas = decision.desired + len(draining_names)
+    if new_replicas != replicas:
+        kube.apps.patch_namespaced_deployment(spec.name, spec.namespace,
+                                              {"spec": {"replicas": new_replicas}})
+        verb = "ScaleUp" if decision.desired > decision.active else "ScaleDown"
+        events.append(("Normal", verb, f"relays {replicas} -> {new_replicas}: "
+                                       f"{decision.reason}"))
+    ratios = {k: round(v, 3) for k, v in decision.ratios.items()}
+    top = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+    status: dict[str, Any] = {
+        "desiredReplicas": decision.desired,
+        "saturation": ratios,
+        "saturationSummary": f"{top[1]:.0%} {top[0]}" if top else "no data",
+        "limitingSignal": decision.limiting_signal or "",
+        "lastDecision": decision.reason,
+        "drainingRelays": [
+            {"name": s.name, "since": iso(wall - (now - (s.drain_started or now))),
+             "allocations": int(s.allocations or 0)} for s in draining
+        ] + [{"name": n, "since": iso(wall), "allocations": int(_allocs(by_name[n]))}
+             for n in decision.drain if not n.startswith("(pending")],
+    }
+    if new_replicas != replicas:
+        status["lastScaleTime"] = iso(wall)
+    return ScaleOutcome(decision, new_replicas, status, events)
+
+
+def _allocs(sample: RelaySample) -> int:
+    return int(sample.allocations or 0)

@@ -1,0 +1,216 @@
+"""Live signals from real coturn relays drive a TurnPool on the real apiserver.
+
+No kubelet runs here, so the relays are local turnserver processes on 127.0.0.2/.3 with
+their exporters, and the test creates the Pod objects the Deployment would have made,
+with those addresses as pod IPs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import require
+from tests.k8s.conftest import wait_for
+from tests.k8s.test_operator import create_secret, get, running_operator
+from turnstorm.client import TurnClient
+from turnstorm.exporter import CoturnCli, Exporter, RelayCollector
+from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
+from turnstorm.operator.render import labels
+from turnstorm.proto.credentials import Credentials
+from turnstorm.spec import turnpool_from_object
+from turnstorm.testing.controlplane import ControlPlane
+
+pytestmark = [pytest.mark.k8s, pytest.mark.integration]
+
+HOSTS = ("127.0.0.2", "127.0.0.3")
+
+
+class Relays:
+    """Two real relays with exporters on one shared exporter port."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.exporter_port = max(free_port(h) for h in HOSTS)
+        self.relays: list[LocalRelay] = []
+        self.exporters: list[Exporter | None] = []
+        self.password = secrets.token_urlsafe(12)
+        for host in HOSTS:
+            relay = LocalRelay(loopback_relay_config(
+                host, cli_port=free_port("127.0.0.1"), cli_password=self.password,
+                user_quota=50, total_quota=100), secret)
+            relay.start()
+            self.relays.append(relay)
+            self.exporters.append(None)
+        self.start_exporters()
+
+    def start_exporters(self) -> None:
+        for index, (host, relay) in enumerate(zip(HOSTS, self.relays, strict=True)):
+            cli_port = relay.config.cli_port
+            assert cli_port is not None
+            cli = CoturnCli("127.0.0.1", cli_port, self.password)
+            collector = RelayCollector(f"relay-{index}", cli, relay.pid, cache_seconds=0.2)
+            self.exporters[index] = Exporter([collector], host, self.exporter_port).start()
+
+    def stop_exporters(self) -> None:
+        for index, exporter in enumerate(self.exporters):
+            if exporter is not None:
+                exporter.close()
+            self.exporters[index] = None
+
+    def close(self) -> None:
+        self.stop_exporters()
+        for relay in self.relays:
+            relay.stop()
+
+
+@pytest.fixture
+def relays(turnserver_bin: str) -> Iterator[Relays]:
+    require(LocalRelay is not None, "")
+    running = Relays(secrets.token_urlsafe(16))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def pool_doc(name: str, namespace: str, exporter_port: int) -> dict[str, Any]:
+    return {"apiVersion": "turnstorm.io/v1alpha1", "kind": "TurnPool",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"realm": "turnstorm.local", "authSecretRef": {"name": f"{name}-auth"},
+                     "replicas": {"min": 1, "max": 6, "target": 2},
+                     "relayPorts": {"min": 20000, "max": 20999},
+                     "scaling": {"targets": {"allocationsPerRelay": 4},
+                                 "scaleDown": {"stabilizationWindowSeconds": 0},
+                                 # Plain HPA arithmetic, so the expected sizes are exact.
+                                 "storm": {"enabled": False},
+                                 "drainDeadlineSeconds": 600},
+                     "metrics": {"source": "exporter", "intervalSeconds": 1,
+                                 "exporterPort": exporter_port}}}
+
+
+def make_pod(plane: ControlPlane, doc: dict[str, Any], index: int, ip: str) -> str:
+    spec = turnpool_from_object(doc)
+    name = f"{spec.name}-relay-{index}"
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": spec.namespace,
+                        "labels": {**labels(spec), "turnstorm.io/rotation": "active"}},
+           "spec": {"containers": [{"name": "coturn", "image": spec.image}]}}
+    plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(pod))
+    status = {"status": {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running",
+                         "conditions": [{"type": "Ready", "status": "True"}]}}
+    plane.kubectl("patch", "pod", name, "-n", spec.namespace, "--subresource=status",
+                  "--type=merge", "-p", json.dumps(status))
+    return name
+
+
+async def allocate(host: str, secret: str, count: int) -> list[TurnClient]:
+    clients = []
+    for index in range(count):
+        credentials = Credentials.ephemeral(secret, f"sub{index}", time.time())
+        client = await TurnClient.connect((host, relay_port(host)), credentials=credentials)
+        await client.allocate()
+        clients.append(client)
+    return clients
+
+
+_ports: dict[str, int] = {}
+
+
+def relay_port(host: str) -> int:
+    return _ports[host]
+
+
+def pool_status(plane: ControlPlane, name: str, namespace: str) -> dict[str, Any]:
+    status: dict[str, Any] = (get(plane, "turnpool", name, namespace) or {}).get("status", {})
+    return status
+
+
+def test_live_signals_scale_out_hold_on_outage_and_drain_in(
+        control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
+    for host, relay in zip(HOSTS, relays.relays, strict=True):
+        _ports[host] = relay.port
+    create_secret(control_plane, "live-auth", namespace)
+    doc = pool_doc("live", namespace, relays.exporter_port)
+    loop = asyncio.new_event_loop()
+    clients: dict[str, list[TurnClient]] = {}
+    try:
+        with running_operator():
+            control_plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+            wait_for(lambda: get(control_plane, "deployment", "live", namespace), timeout=30,
+                     what="Deployment")
+            pods = [make_pod(control_plane, doc, i, ip) for i, ip in enumerate(HOSTS)]
+
+            # 6 allocations per relay against a target of 4: ratio 1.5 -> 3 relays.
+            for host in HOSTS:
+                clients[host] = loop.run_until_complete(allocate(host, relays.secret, 6))
+            status = wait_for(
+                lambda: (s := pool_status(control_plane, "live", namespace))
+                .get("desiredReplicas") == 3 and s, timeout=30,
+                what=lambda: f"desiredReplicas 3: {pool_status(control_plane, 'live', namespace)}")
+            assert status["limitingSignal"] == "allocations"
+            assert status["saturation"]["allocations"] == pytest.approx(1.5, abs=0.01)
+            assert status["saturationSummary"] == "150% allocations"
+            dep = get(control_plane, "deployment", "live", namespace)
+            assert dep is not None and dep["spec"]["replicas"] == 3
+
+            # Metrics outage: exporters gone, load gone. The size holds.
+            relays.stop_exporters()
+            for host in HOSTS:
+                for client in clients.pop(host):
+                    loop.run_until_complete(client.aclose())
+            wait_for(lambda: pool_status(control_plane, "live", namespace)
+                     .get("lastDecision") == "no signal data: holding size", timeout=20,
+                     what="holding on missing data")
+            time.sleep(4)
+            assert pool_status(control_plane, "live", namespace)["desiredReplicas"] == 3
+            dep = get(control_plane, "deployment", "live", namespace)
+            assert dep is not None and dep["spec"]["replicas"] == 3
+
+            # Metrics back: relay-0 keeps one call, relay-1 none. Scale in drains the
+            # emptiest relay first, then removes it once it has no allocations.
+            clients[HOSTS[0]] = loop.run_until_complete(allocate(HOSTS[0], relays.secret, 1))
+            relays.start_exporters()
+
+            def drained() -> dict[str, Any] | None:
+                pod = get(control_plane, "pod", pods[1], namespace) or {}
+                meta = pod.get("metadata", {})
+                if meta.get("labels", {}).get("turnstorm.io/rotation") == "draining":
+                    return meta
+                return None
+
+            meta = wait_for(drained, timeout=30, what="relay-1 draining")
+            assert meta["annotations"]["controller.kubernetes.io/pod-deletion-cost"] == \
+                "-1000000"
+            assert "turnstorm.io/drain-started" in meta["annotations"]
+            kept = get(control_plane, "pod", pods[0], namespace) or {}
+            assert kept["metadata"]["labels"]["turnstorm.io/rotation"] == "active"
+            # 3 -> 2 in rotation (+1 draining) -> 2 once the drained relay is empty. The
+            # third relay was never created here (no controllers): it reports no data,
+            # which counts as "at target" on scale-down, so the pool stops at 2.
+            wait_for(lambda: (get(control_plane, "deployment", "live", namespace) or {})
+                     .get("spec", {}).get("replicas") == 2, timeout=30,
+                     what="Deployment down to 2 after the drain")
+            status = pool_status(control_plane, "live", namespace)
+            assert status["desiredReplicas"] == 2
+            assert status["drainingRelays"] == []
+            events = json.loads(control_plane.kubectl(
+                "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+            reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "live"]
+            assert {"ScaleUp", "Drain", "Remove"} <= set(reasons)
+            removed = [e["message"] for e in events if e["reason"] == "Remove"]
+            assert removed == [f"relay {pods[1]} removed: no allocations left"]
+            meta = (get(control_plane, "pod", pods[1], namespace) or {}).get("metadata", {})
+            assert "turnstorm.io/removed-at" in meta.get("annotations", {})
+    finally:
+        for group in clients.values():
+            for client in group:
+                loop.run_until_complete(client.aclose())
+        loop.close()
