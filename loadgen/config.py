@@ -7,6 +7,7 @@ plain ``locust -f`` run builds it from the command-line options that
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Sequence
@@ -83,6 +84,12 @@ class LoadgenConfig:
     """Media payload size (20 ms of 16 kHz 16-bit PCM)."""
     binding_interval: float = 0.0
     """Seconds between Binding requests of one STUN user (0: flood; 15-30: keepalives)."""
+    crowd_size: int = 1000
+    """Idle subscribers one ``IdleSubscribersUser`` holds (keepalives every
+    ``binding_interval`` seconds)."""
+    flood_window: int = 0
+    """Binding requests a flooding STUN user keeps in flight, sent in GSO batches and
+    logged in bulk (0: one transaction at a time, one request event each)."""
     summary_interval: float = 1.0
     """Seconds between the MEDIA summary events one TURN user fires."""
     echo_grace: float = 0.5
@@ -101,12 +108,21 @@ class LoadgenConfig:
     """Retransmission of requests (RFC 8489 defaults)."""
     user_prefix: str = "storm"
     """REST username prefix; a user number is appended."""
+    no_backoff_fraction: float = 0.0
+    """Fraction of users whose requests are retransmitted every RTO without doubling it
+    (non-compliant clients; see the ``retransmit-amplification`` shape)."""
 
     def __post_init__(self) -> None:
         if not self.targets:
             raise ConfigError("at least one --target is needed")
         if self.max_pps <= 0:
             raise ConfigError("--max-pps must be positive")
+        if self.crowd_size < 1:
+            raise ConfigError("--crowd-size must be at least 1")
+        if self.flood_window < 0:
+            raise ConfigError("--flood-window must be 0 or more")
+        if not 0 <= self.no_backoff_fraction <= 1:
+            raise ConfigError("the no-backoff fraction must be between 0 and 1")
         if self.frame_interval <= 0 or self.frame_bytes < 12:
             raise ConfigError("media frames need a positive interval and at least 12 bytes")
 
@@ -170,3 +186,22 @@ def config_from_options(options: Any) -> LoadgenConfig:
         session_length=SessionLength.parse(option("turn_session", "TURNSTORM_SESSION", "30")),
         max_pps=float(option("turn_max_pps", "TURNSTORM_MAX_PPS", str(DEFAULT_MAX_PPS))),
     )
+
+
+def config_to_dict(config: LoadgenConfig) -> dict[str, Any]:
+    """A JSON-safe form of ``config`` (it carries the secret: never put it on a command
+    line; worker processes read it from stdin)."""
+    data = dataclasses.asdict(config)
+    data["targets"] = [str(t) for t in config.targets]
+    data["peer"] = list(config.peer) if config.peer is not None else None
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> LoadgenConfig:
+    """The inverse of :func:`config_to_dict` (targets were allow-list checked already)."""
+    fields = dict(data)
+    fields["targets"] = [parse_uri(t) for t in data["targets"]]
+    fields["peer"] = tuple(data["peer"]) if data["peer"] is not None else None
+    fields["session_length"] = SessionLength(**data["session_length"])
+    fields["policy"] = RetransmitPolicy(**data["policy"])
+    return LoadgenConfig(**fields)

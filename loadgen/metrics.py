@@ -72,6 +72,21 @@ class Histogram:
         self.count += count
         self.total_us += value * count
 
+    def add_counts(self, counts: Mapping[int, int], total_us: int, min_us: int,
+                   max_us: int) -> None:
+        """Add pre-bucketed samples: ``counts`` maps bucket index -> samples, with their
+        exact sum, min and max (the hot path's bulk form of :meth:`record_us`)."""
+        n = sum(counts.values())
+        if not n:
+            return
+        buckets = self.buckets
+        for index, c in counts.items():
+            buckets[index] = buckets.get(index, 0) + c
+        self.min_us = min_us if self.count == 0 else min(self.min_us, min_us)
+        self.max_us = max(self.max_us, max_us)
+        self.count += n
+        self.total_us += total_us
+
     def record_seconds(self, seconds: float) -> None:
         self.record_us(seconds * 1e6)
 

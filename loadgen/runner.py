@@ -6,6 +6,9 @@ monkey-patches with gevent at import.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,12 +16,22 @@ from typing import Any
 
 import gevent
 import locust  # noqa: F401 - first: it monkey-patches the process with gevent
+from gevent import subprocess as gsubprocess
 from locust.env import Environment
 from locust.event import Events
 from locust.runners import STATE_STOPPED
 
-from turnstorm.loadgen.config import LoadgenConfig
+from turnstorm.errors import TurnstormError
+from turnstorm.loadgen.config import ConfigError, LoadgenConfig, config_to_dict
+from turnstorm.loadgen.exporter import serve
 from turnstorm.loadgen.users import LoadgenState, install
+from turnstorm.loadgen.webui import install_media_tab
+from turnstorm.localrelay import free_port
+
+WORKER_START_TIMEOUT = 20.0
+"""Seconds the master waits for its worker processes to connect."""
+FINAL_REPORT_TIMEOUT = 15.0
+"""Seconds the master waits, after stopping the users, for every worker's last report."""
 
 Progress = Callable[[float, Any], None]
 """Called about once a second with (elapsed seconds, environment)."""
@@ -42,37 +55,140 @@ def run_locust(
     cgnat: Any = None,
     progress: Progress | None = None,
     tick: float = 1.0,
+    metrics_port: int | None = None,
+    workers: int = 0,
+    web_port: int | None = None,
+    worker_dump_dir: str | None = None,
 ) -> RunResult:
     """Run ``user_classes`` for at most ``duration`` seconds (a shape may end it sooner).
 
     Without a shape, ``users`` are spawned at ``spawn_rate``. Users are stopped at the
     end, which releases their allocations (each user's call ends in its ``finally``).
+    ``metrics_port`` serves the Prometheus endpoint on 127.0.0.1 while the run lasts
+    (worker ``i`` serves ``metrics_port + 1 + i``). ``workers`` > 0 runs a Locust master in
+    this process and that many worker processes on loopback; the result then holds the
+    master's merge of every worker's final report. ``web_port`` serves Locust's web UI
+    with the Media tab on 127.0.0.1. ``worker_dump_dir`` makes each worker write what it
+    measured to ``worker-<i>.json`` there (for tests of the merge).
     """
     if duration <= 0:
         raise ValueError("duration must be positive")
+    if workers and cgnat is not None:
+        raise ConfigError("the emulated CGNAT runs in one process: drop --workers or --cgnat")
     environment = Environment(user_classes=list(user_classes), shape_class=shape,
                               events=Events())  # type: ignore[no-untyped-call]
     state = install(environment, config)
     assert state is not None
     state.cgnat = cgnat
-    runner = environment.create_local_runner()
-    started = time.monotonic()
-    if shape is not None:
-        shape.reset_time()
-        runner.start_shape()
-    else:
-        runner.start(users, spawn_rate=spawn_rate)
+    servers = []
+    if metrics_port is not None:
+        servers.append(serve(environment, metrics_port))
+    processes: list[Any] = []
+    saved_argv = sys.argv
+    runner: Any
     try:
-        while True:
-            elapsed = time.monotonic() - started
-            if elapsed >= duration or (runner.state == STATE_STOPPED and elapsed > tick):
-                break
-            gevent.sleep(min(tick, duration - elapsed))
-            if progress is not None:
-                progress(time.monotonic() - started, environment)
+        if workers:
+            master_port = free_port()
+            runner = environment.create_master_runner("127.0.0.1", master_port)
+            processes = start_workers(config, user_classes, workers, master_port,
+                                      metrics_port, worker_dump_dir)
+            wait_for_workers(runner, processes, workers)
+        else:
+            runner = environment.create_local_runner()
+        if web_port is not None:
+            # Locust's web UI re-parses sys.argv with its own parser (for the "extra
+            # options" of its start form): hide our command line from it for the run.
+            saved_argv, sys.argv = sys.argv, sys.argv[:1]
+            environment.create_web_ui("127.0.0.1", web_port)
+            install_media_tab(environment)
+        started = time.monotonic()
+        if shape is not None:
+            shape.reset_time()
+            runner.start_shape()
+        else:
+            runner.start(users, spawn_rate=spawn_rate)
+        try:
+            while True:
+                elapsed = time.monotonic() - started
+                if elapsed >= duration or (runner.state == STATE_STOPPED and elapsed > tick):
+                    break
+                gevent.sleep(min(tick, duration - elapsed))
+                if progress is not None:
+                    progress(time.monotonic() - started, environment)
+        finally:
+            if workers:
+                stop_workers(runner, state, workers)
+            runner.quit()
+        elapsed = time.monotonic() - started
     finally:
-        runner.quit()
-    return RunResult(environment, state, time.monotonic() - started)
+        for process in processes:
+            _end(process)
+        if environment.web_ui is not None:
+            if getattr(environment.web_ui, "server", None) is not None:
+                environment.web_ui.stop()  # type: ignore[no-untyped-call]
+            sys.argv = saved_argv
+        for server in servers:
+            server.stop()
+    return RunResult(environment, state, elapsed)
+
+
+def start_workers(config: LoadgenConfig, user_classes: Sequence[type[Any]], count: int,
+                  master_port: int, metrics_port: int | None,
+                  dump_dir: str | None) -> list[Any]:
+    """``count`` worker processes; the config (with the secret) goes through stdin. The
+    packet-rate bound is the whole run's: each worker gets ``max_pps / count``."""
+    specs = ",".join(f"{cls.__module__}:{cls.__qualname__}" for cls in user_classes)
+    data = config_to_dict(config)
+    data["max_pps"] = config.max_pps / count
+    payload = json.dumps(data).encode()
+    processes = []
+    for index in range(count):
+        command = [sys.executable, "-m", "turnstorm.loadgen.worker",
+                   "--master-port", str(master_port), "--users", specs,
+                   "--prefix", f"{config.user_prefix}-w{index}-"]
+        if metrics_port is not None:
+            command += ["--metrics-port", str(metrics_port + 1 + index)]
+        if dump_dir is not None:
+            command += ["--dump", os.path.join(dump_dir, f"worker-{index}.json")]
+        process = gsubprocess.Popen(command, stdin=gsubprocess.PIPE)
+        process.stdin.write(payload)
+        process.stdin.close()
+        processes.append(process)
+    return processes
+
+
+def wait_for_workers(runner: Any, processes: list[Any], count: int) -> None:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while len(runner.clients.ready) < count:
+        dead = [p for p in processes if p.poll() is not None]
+        if dead:
+            raise TurnstormError(f"a load generator worker exited with code "
+                                 f"{dead[0].returncode} before the run started")
+        if time.monotonic() > deadline:
+            raise TurnstormError(f"only {len(runner.clients.ready)} of {count} workers "
+                                 f"connected within {WORKER_START_TIMEOUT:g} s")
+        gevent.sleep(0.1)
+
+
+def stop_workers(runner: Any, state: LoadgenState, count: int) -> None:
+    """Stop the users everywhere and wait for every worker's final report."""
+    runner.stop()
+    deadline = time.monotonic() + FINAL_REPORT_TIMEOUT
+    while len(state.finished_workers) < count and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    if len(state.finished_workers) < count:
+        raise TurnstormError(f"only {len(state.finished_workers)} of {count} workers sent "
+                             f"their final report within {FINAL_REPORT_TIMEOUT:g} s")
+
+
+def _end(process: Any) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except gsubprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def transactions(environment: Any) -> dict[str, dict[str, int]]:

@@ -14,7 +14,25 @@ attributes, overridden by ``TURNSTORM_SHAPE_<PARAM>`` environment variables (for
                     holds ``hold_seconds``, falls back to ``base_users``
 ``diurnal``         ``min_users`` .. ``max_users`` as a raised cosine with period ``period``
                     (a day compressed into seconds)
+``retransmit-       ``base_users`` steady; at ``storm_at`` ``wave_users`` more arrive within
+amplification``     ``window`` seconds (a relay restart, a mapping-expiry wave); a
+                    ``no_backoff_fraction`` of all users are clients that retransmit every RTO
+                    instead of doubling it (RFC 8489 section 6.2.1 violated)
 ==================  ===========================================================================
+
+Retransmission amplification
+----------------------------
+RFC 8489 clients send a request at 0, RTO, 3 RTO, 7 RTO, ... (Rc = 7 sends, RTO 500 ms:
+0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s). A client that does not back off sends at 0, RTO,
+2 RTO, ... (0, 0.5, 1.0, ... 3.0 s): the same 7 packets squeezed into 3 s. When a relay
+drops requests (overload, restart), every unanswered transaction multiplies the offered
+load; :func:`amplification` gives the factor (sends per transaction within a stretch of
+unresponsiveness), e.g. over a 3.5 s outage 3 sends (backoff) vs 7 (no backoff). The
+no-backoff users are chosen by user number (evenly spread, exactly
+``floor(n * no_backoff_fraction)`` among the first n users): ``turnstorm storm`` passes the
+fraction to :class:`turnstorm.loadgen.config.LoadgenConfig.no_backoff_fraction`, and each
+user's ``UdpClient`` then runs ``RetransmitPolicy(backoff=False)``. The users count their
+retransmissions (``retransmits_backoff`` / ``retransmits_no_backoff`` counters).
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from typing import ClassVar
 from locust import LoadTestShape
 
 from turnstorm.loadgen.config import ConfigError
+from turnstorm.proto.transaction import RetransmitPolicy
 
 FAST_RATE = 1000.0
 """Spawn/stop rate for steps meant to be instantaneous (users per second)."""
@@ -181,9 +200,70 @@ class DiurnalShape(StormShape):
         return round(users), max(1.0, 2 * math.pi * span / self.period)
 
 
+class RetransmitAmplificationShape(StormShape):
+    """A wave of new clients on top of a steady base, part of them not backing off."""
+
+    name = "retransmit-amplification"
+    params = ("base_users", "wave_users", "storm_at", "window", "no_backoff_fraction")
+    base_users: float = 10
+    wave_users: float = 100
+    storm_at: float = 5
+    window: float = 1
+    """Seconds over which the wave's users start."""
+    no_backoff_fraction: float = 0.5
+    """Fraction of users (base and wave alike) that retransmit without exponential backoff."""
+
+    def validate(self) -> None:
+        if not 0 <= self.no_backoff_fraction <= 1:
+            raise ConfigError(f"shape {self.name}: no_backoff_fraction must be between 0 and 1")
+        if self.window <= 0:
+            raise ConfigError(f"shape {self.name}: window must be positive")
+
+    def at(self, t: float) -> tuple[int, float]:
+        if t < self.storm_at:
+            return int(self.base_users), FAST_RATE
+        return int(self.base_users + self.wave_users), max(1.0, self.wave_users / self.window)
+
+
+def send_times(policy: RetransmitPolicy) -> list[float]:
+    """Offsets (seconds) at which one unanswered UDP request is sent under ``policy``."""
+    times = [0.0]
+    interval = policy.rto
+    for _ in range(policy.rc - 1):
+        times.append(times[-1] + interval)
+        if policy.backoff:
+            interval *= 2
+    return times
+
+
+def sends_within(policy: RetransmitPolicy, outage: float) -> int:
+    """Datagrams one transaction sends while the server stays silent for ``outage`` s."""
+    return sum(1 for at in send_times(policy) if at < outage)
+
+
+def amplification(outage: float, no_backoff_fraction: float,
+                  policy: RetransmitPolicy | None = None) -> float:
+    """Offered load of a mixed population during an outage, relative to an all-compliant
+    one (1.0 when every client backs off)."""
+    compliant = policy or RetransmitPolicy()
+    aggressive = RetransmitPolicy(compliant.rto, compliant.rc, compliant.rm, compliant.ti,
+                                  backoff=False)
+    base = sends_within(compliant, outage)
+    mixed = ((1 - no_backoff_fraction) * base
+             + no_backoff_fraction * sends_within(aggressive, outage))
+    return mixed / base
+
+
+def no_backoff(user_number: int, fraction: float) -> bool:
+    """Whether user ``user_number`` is one of the non-backing-off clients: exactly
+    ``floor(n * fraction)`` of users 0 .. n-1 are, spread evenly."""
+    return math.floor((user_number + 1) * fraction) > math.floor(user_number * fraction)
+
+
 SHAPES: dict[str, type[StormShape]] = {
     cls.name: cls
-    for cls in (SteadyShape, RampShape, ReconnectStormShape, FlashCrowdShape, DiurnalShape)
+    for cls in (SteadyShape, RampShape, ReconnectStormShape, FlashCrowdShape, DiurnalShape,
+                RetransmitAmplificationShape)
 }
 
 

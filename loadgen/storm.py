@@ -31,6 +31,7 @@ from turnstorm.proto.stun import Address
 from turnstorm.uri import check_target
 
 MAX_DURATION = 24 * 3600.0
+MAX_WORKERS = 64
 IDEAL = {"latency": "< 150 ms", "loss": "< 1 %", "jitter": "< 20 ms",
          "relay overhead": "0-30 ms"}
 """The human-call column of the design's table."""
@@ -45,10 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coturn static-auth-secret (TURN REST credentials); needed for TURN")
     p.add_argument("--peer", metavar="HOST:PORT",
                    help="UDP echo peer behind the relay (default: start one on 127.0.0.1)")
-    p.add_argument("--mix", choices=("turn", "stun", "both"), default="turn",
-                   help="users: TURN calls, STUN Binding floods, or both (default turn)")
+    p.add_argument("--mix", choices=("turn", "stun", "both", "idle", "ice"), default="turn",
+                   help="users: TURN calls, STUN Binding floods, both, idle subscribers "
+                        "with keepalives (--crowd-size per user) or ICE sessions "
+                        "(default turn)")
+    p.add_argument("--crowd-size", type=int, default=1000, metavar="N",
+                   help="idle subscribers per user with --mix idle (default 1000)")
     p.add_argument("--shape", default="steady",
-                   help="load shape: steady, ramp, reconnect-storm, flash-crowd, diurnal")
+                   help="load shape: steady, ramp, reconnect-storm, flash-crowd, diurnal, "
+                        "retransmit-amplification")
     p.add_argument("--shape-param", action="append", default=[], metavar="KEY=VALUE",
                    help="shape parameter, e.g. fraction=0.5 (repeatable)")
     p.add_argument("--users", type=int, default=10,
@@ -63,9 +69,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="call length: fixed:S, uniform:A-B or exp:MEAN (default uniform:10-30)")
     p.add_argument("--binding-interval", type=float, default=0.0,
                    help="seconds between one STUN user's Bindings (0: flood; default 0)")
+    p.add_argument("--flood-window", type=int, default=0, metavar="N",
+                   help="STUN flood users keep N Bindings in flight, batched (default 0: "
+                        "one at a time)")
     p.add_argument("--cgnat", metavar="GATEWAYS:QUOTA:TIMEOUT",
                    help="put subscribers behind emulated CGNAT gateways on 127.100.0.x, "
                         "e.g. 4:64:120")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT while the storm runs "
+                        "(with --workers, worker i serves PORT+1+i)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="local distributed mode: a Locust master here and N worker "
+                        "processes on loopback (default 0: users run in this process)")
+    p.add_argument("--web", type=int, nargs="?", const=8089, metavar="PORT",
+                   help="serve Locust's web UI with the Media tab on 127.0.0.1:PORT "
+                        "(default 8089) while the storm runs")
     p.add_argument("--out", metavar="DIR", help="write results.json and CSV files here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -75,9 +93,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--duration must be between 0 and {MAX_DURATION:g} seconds")
     if args.users < 0 or args.spawn_rate <= 0:
         raise ConfigError("--users must be >= 0 and --spawn-rate positive")
+    for option, port in (("--metrics-port", args.metrics_port), ("--web", args.web)):
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"{option} must be between 1 and 65535")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be between 0 and {MAX_WORKERS}")
     targets = parse_targets(args.target, args.allow_target)
     secret = read_secret(args.secret_file) if args.secret_file else None
-    if args.mix != "stun" and secret is None:
+    if args.mix not in ("stun", "idle") and secret is None:
         raise ConfigError("TURN users need --secret-file (or use --mix stun)")
     shape_params = _shape_params(args.shape_param)
     peer = parse_peer(args.peer) if args.peer else None
@@ -85,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
         check_target(peer[0], args.allow_target)
     cgnat = _cgnat(args.cgnat) if args.cgnat else None
     echo = None
-    if peer is None and args.mix != "stun":
+    if peer is None and args.mix in ("turn", "both"):
         echo, peer = start_echo_process()
     try:
         config = LoadgenConfig(
             targets=targets, secret=secret, peer=peer,
             session_length=SessionLength.parse(args.session), max_pps=args.max_pps,
-            binding_interval=args.binding_interval)
+            binding_interval=args.binding_interval, flood_window=args.flood_window,
+            crowd_size=args.crowd_size)
         result = _run_locust(args, config, shape_params, cgnat)
     finally:
         if echo is not None:
@@ -107,12 +131,16 @@ def run(args: argparse.Namespace) -> int:
 def _run_locust(args: argparse.Namespace, config: LoadgenConfig,
                 shape_params: dict[str, float], cgnat: Any) -> Any:
     # Locust first: it monkey-patches the process with gevent at import.
+    from turnstorm.loadgen.iceuser import IceSessionUser
+    from turnstorm.loadgen.keepalive import IdleSubscribersUser
     from turnstorm.loadgen.runner import run_locust
     from turnstorm.loadgen.shapes import make_shape
     from turnstorm.loadgen.users import StunBindingUser, TurnSessionUser
 
     mixes: dict[str, list[type[Any]]] = {"turn": [TurnSessionUser], "stun": [StunBindingUser],
-                                         "both": [TurnSessionUser, StunBindingUser]}
+                                         "both": [TurnSessionUser, StunBindingUser],
+                                         "idle": [IdleSubscribersUser],
+                                         "ice": [IceSessionUser]}
     classes = mixes[args.mix]
     shape = None
     if args.shape != "steady" or shape_params:
@@ -120,9 +148,12 @@ def _run_locust(args: argparse.Namespace, config: LoadgenConfig,
         if args.shape in ("steady", "reconnect-storm") and "users" not in params:
             params["users"] = args.users
         shape = make_shape(args.shape, **params)
+        # the shape decides which share of the users does not back off
+        config.no_backoff_fraction = float(getattr(shape, "no_backoff_fraction", 0.0))
     progress = None if args.quiet else _progress_printer()
     return run_locust(config, classes, duration=args.duration, users=args.users,
-                      spawn_rate=args.spawn_rate, shape=shape, cgnat=cgnat, progress=progress)
+                      spawn_rate=args.spawn_rate, shape=shape, cgnat=cgnat, progress=progress,
+                      metrics_port=args.metrics_port, workers=args.workers, web_port=args.web)
 
 
 def _shape_params(items: list[str]) -> dict[str, float]:
@@ -202,12 +233,15 @@ def build_report(result: Any, args: argparse.Namespace) -> dict[str, Any]:
                         "released": counters["released"],
                         "release_failed": counters["release_failed"]},
         "cgnat": {"remaps": counters["cgnat_remaps"], "exhausted": counters["cgnat_exhausted"]},
+        "retransmits": {"backoff": counters["retransmits_backoff"],
+                        "no_backoff": counters["retransmits_no_backoff"]},
         "packets": summary["packets"],
         "send_lag_ms": state.send_lag.summary_ms(),
         "transactions": transactions(result.environment),
         "targets": {key: stats.as_dict() for key, stats in state.media.items()},
         "run": {"duration_s": round(result.elapsed, 3), "shape": args.shape,
-                "mix": args.mix, "users": args.users, "max_pps": args.max_pps},
+                "mix": args.mix, "users": args.users, "max_pps": args.max_pps,
+                "workers": args.workers},
     }
 
 

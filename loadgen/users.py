@@ -2,10 +2,13 @@
 
 - :class:`StunBindingUser`: Binding floods (``binding_interval`` 0) or the keepalive
   background of idle subscribers (``binding_interval`` 15-30 s). One ``STUN``/``Binding``
-  request event per transaction.
+  request event per transaction, except with ``flood_window`` > 0: then a pipelined,
+  batched flood (:mod:`turnstorm.loadgen.flood`) logs to Locust's statistics in bulk.
 - :class:`TurnSessionUser`: whole calls. REST credentials, a direct Binding (the relay
   overhead baseline), Allocate, CreatePermission, ChannelBind to an echo peer, paced media
-  with a ``seq + timestamp`` header, refreshes on RFC 8656 timers, release at the end.
+  with a ``seq + timestamp`` header (sent for every call of the process by one
+  :class:`~turnstorm.loadgen.media.MediaPump`), refreshes on RFC 8656 timers, release at
+  the end.
   One ``TURN`` event per operation; media is aggregated in
   :mod:`turnstorm.loadgen.metrics` and summarized by one ``MEDIA``/``echo`` event per user
   per ``summary_interval`` (mean RTT of that interval), never one event per packet.
@@ -18,9 +21,9 @@ their media aggregates to the master in Locust's ``report_to_master`` messages.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import random
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,21 +37,25 @@ from locust import User, events, task
 from turnstorm.errors import AllocationMismatch, TurnstormError
 from turnstorm.loadgen.cgnat import Mapping, PortQuotaExhausted
 from turnstorm.loadgen.config import LoadgenConfig, config_from_options
+from turnstorm.loadgen.flood import flood
+from turnstorm.loadgen.media import MEDIA_HEADER, MediaFlow, media_pump
 from turnstorm.loadgen.metrics import Histogram, MediaStats, StreamStats, merge_by_target
+from turnstorm.loadgen.shapes import no_backoff
 from turnstorm.loadgen.wire import UdpClient, WireError, clock
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.transaction import TransactionTimeout
 from turnstorm.uri import ServerUri
 
 T = TypeVar("T")
-MEDIA_HEADER = struct.Struct("!Id")
-"""Media payload header: sequence number and send time (the generator's clock)."""
 BURST_SECONDS = 0.05
 """Send credit the rate limiter lets accumulate (50 ms worth of --max-pps)."""
 RELEASE_TIMEOUT = 2.0
 REPORT_KEY = "turnstorm"
+FINAL_KEY = "turnstorm_final"
+"""Marks a worker's last report (sent when the master stops the test)."""
 COUNTERS = ("allocations_ok", "allocations_failed", "released", "release_failed",
-            "cgnat_remaps", "cgnat_exhausted", "calls")
+            "cgnat_remaps", "cgnat_exhausted", "calls", "retransmits_backoff",
+            "retransmits_no_backoff", "ice_connected", "ice_failed")
 """Per-process event counts kept next to Locust's own request statistics."""
 _user_numbers = itertools.count()
 _REQUEST_ERRORS = (TurnstormError, TransactionTimeout, OSError)
@@ -96,6 +103,15 @@ class LoadgenState:
     """How late each media packet left compared with its schedule."""
     cgnat: Any = None
     """A :class:`turnstorm.loadgen.cgnat.Population` when subscribers sit behind CGNAT."""
+    live: dict[int, tuple[str, StreamStats]] = field(default_factory=dict)
+    """Streams of calls in progress, by user number (folded into :attr:`media` at the end
+    of the call; shown live by :meth:`cumulative`)."""
+    finished_workers: set[str] = field(default_factory=set)
+    """Master only: workers whose final report arrived."""
+    pump: Any = None
+    """The process's :class:`~turnstorm.loadgen.media.MediaPump` (created on first call)."""
+    shipped: LoadgenState | None = None
+    """What :meth:`take_report` already handed to the master (workers only)."""
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,13 +128,35 @@ class LoadgenState:
         self.counters[name] += n
 
     def take_report(self) -> dict[str, Any]:
-        """What a worker ships to the master: everything since the last report."""
+        """What a worker ships to the master: everything since the last report.
+
+        What was shipped is also kept in :attr:`shipped`, so the process's own cumulative
+        view (:meth:`cumulative`, the Prometheus endpoint) survives the reset.
+        """
         report = {"media": {k: v.to_dict() for k, v in self.media.items()},
                   "counters": dict(self.counters), "send_lag": self.send_lag.to_dict()}
+        if self.shipped is None:
+            self.shipped = LoadgenState(self.config)
+        self.shipped.merge_report(report)
         self.media = {}
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.send_lag = Histogram()
         return report
+
+    def cumulative(self, live: bool = True) -> LoadgenState:
+        """Everything this process measured since it started (shipped or not), and with
+        ``live`` the calls still in progress (their loss counts what has not come back
+        yet, packets in flight included)."""
+        view = LoadgenState(self.config)
+        for part in (self.shipped, self):
+            if part is not None:
+                view.merge_report({"media": {k: v.to_dict() for k, v in part.media.items()},
+                                   "counters": part.counters,
+                                   "send_lag": part.send_lag.to_dict()})
+        if live:
+            for key, stream in list(self.live.values()):
+                view.media.setdefault(key, MediaStats()).add_stream(stream)
+        return view
 
     def merge_report(self, report: dict[str, Any]) -> None:
         for key, stats in merge_by_target([report["media"]]).items():
@@ -140,11 +178,15 @@ def install(environment: Any, config: LoadgenConfig | None = None) -> LoadgenSta
             state = getattr(environment, "turnstorm", None)
             if state is not None:
                 data[REPORT_KEY] = state.take_report()
+                data[FINAL_KEY] = getattr(environment, FINAL_KEY, False)
 
         def from_worker(client_id: str, data: dict[str, Any]) -> None:
             report = data.get(REPORT_KEY)
             if report is not None:
-                get_state(environment).merge_report(report)
+                state = get_state(environment)
+                state.merge_report(report)
+                if data.get(FINAL_KEY):
+                    state.finished_workers.add(client_id)
 
         environment.events.report_to_master.add_listener(to_master)
         environment.events.worker_report.add_listener(from_worker)
@@ -170,6 +212,17 @@ class _RelayUser(User):
         self.target = config.targets[self.number % len(config.targets)]
         self.rng = random.Random(self.number)
         self.mapping: Mapping | None = None
+        self.backoff = not no_backoff(self.number, config.no_backoff_fraction)
+        self.policy = (config.policy if self.backoff
+                       else dataclasses.replace(config.policy, backoff=False))
+        self._retransmits_key = ("retransmits_backoff" if self.backoff
+                                 else "retransmits_no_backoff")
+
+    def count_retransmits(self, client: UdpClient) -> None:
+        """Move the client's retransmission count into the process counters."""
+        if client.retransmits:
+            self.state.count(self._retransmits_key, client.retransmits)
+            client.retransmits = 0
 
     def fire(self, request_type: str, name: str, seconds: float, length: int = 0,
              exception: BaseException | None = None) -> None:
@@ -235,11 +288,15 @@ class StunBindingUser(_RelayUser):
                 self.client = None
         if self.client is None:
             self.client = UdpClient(self.target.address, local=self.local_address(),
-                                    policy=self.state.config.policy)
+                                    policy=self.policy)
         return self.client
 
     @task
     def binding(self) -> None:
+        config = self.state.config
+        if config.flood_window and not config.binding_interval and self.state.cgnat is None:
+            flood(self)  # until the user is stopped
+            return
         try:
             client = self._client()
         except OperationFailed:
@@ -254,6 +311,8 @@ class StunBindingUser(_RelayUser):
             self.operation("STUN", "Binding", client.binding)
         except OperationFailed:
             return
+        finally:
+            self.count_retransmits(client)
         # the Locust event rounds; the histogram keeps the exact baseline
         self.state.media_for(self.target).binding_rtt.record_seconds(client.last_rtt)
 
@@ -274,6 +333,7 @@ class _Call:
     interval_bytes: int = 0
     interval_sent: int = 0
     refreshers: list[Any] = field(default_factory=list)
+    flow: MediaFlow | None = None
 
 
 def _absorb_exit(step: Callable[[], None]) -> int:
@@ -320,7 +380,7 @@ class TurnSessionUser(_RelayUser):
             raise
         try:
             client = UdpClient(self.target.address, credentials=credentials,
-                               local=local, policy=config.policy)
+                               local=local, policy=self.policy)
         except WireError as exc:
             self.fire("TURN", "Allocate", 0.0, exception=exc)
             self.state.count("allocations_failed")
@@ -344,6 +404,7 @@ class TurnSessionUser(_RelayUser):
     def _talk(self, call: _Call, seconds: float) -> None:
         config = self.state.config
         stream = call.stream = StreamStats()
+        self.state.live[self.number] = (str(self.target), stream)
         client = call.client
         unpack = MEDIA_HEADER.unpack_from
         on_echo = stream.on_echo
@@ -359,44 +420,40 @@ class TurnSessionUser(_RelayUser):
             call.interval_bytes += len(payload)
 
         client.on_channel_data = received
-        pad = b"\x00" * (config.frame_bytes - MEDIA_HEADER.size)
-        pack = MEDIA_HEADER.pack
-        interval = config.frame_interval
-        limiter = self.state.limiter
-        lag = self.state.send_lag
-        cgnat = self.state.cgnat is not None
         start = clock()
         end = start + seconds
         timers = {"allocation": start + config.allocation_refresh,
                   "permission": start + config.permission_refresh,
                   "channel": start + config.channel_refresh}
         next_summary = start + config.summary_interval
-        next_send = start
-        while True:
-            now = clock()
-            if now >= end:
-                break
-            due = [name for name, at in timers.items() if now >= at]
-            for name in due:
-                timers[name] = now + getattr(config, f"{name}_refresh")
-                call.refreshers.append(gevent.spawn(self._refresh, call, name))
-            limiter.acquire()
-            sent_at = clock()
-            lag.record_seconds(sent_at - next_send)
-            client.send_channel(call.channel, pack(call.sent, sent_at) + pad)
-            call.sent += 1
-            call.interval_sent += 1
-            if cgnat:
-                self.touch_mapping()
-            if now >= next_summary:
-                self._summary(call, now - next_summary + config.summary_interval)
-                next_summary = now + config.summary_interval
-            next_send += interval
-            delay = next_send - clock()
-            if delay > 0:
-                gevent.sleep(delay)
-            elif delay < -10 * interval:
-                next_send = clock()  # far behind (overload): skip rather than burst
+        flow = call.flow = media_pump(self.state).add(client.sock, call.channel,
+                                                      config.frame_interval, config.frame_bytes)
+        try:
+            while True:
+                now = clock()
+                if now >= end:
+                    break
+                for name in [name for name, at in timers.items() if now >= at]:
+                    timers[name] = now + getattr(config, f"{name}_refresh")
+                    call.refreshers.append(gevent.spawn(self._refresh, call, name))
+                if self.state.cgnat is not None:
+                    self.touch_mapping()  # mapping timeouts are minutes; once a wake-up does
+                if now >= next_summary:
+                    call.interval_sent = flow.sent - call.sent
+                    call.sent = flow.sent
+                    self._summary(call, now - next_summary + config.summary_interval)
+                    next_summary = now + config.summary_interval
+                gevent.sleep(max(0.0, min(end, next_summary, *timers.values()) - clock()))
+        finally:
+            self._stop_flow(call)
+
+    def _stop_flow(self, call: _Call) -> None:
+        flow = call.flow
+        if flow is not None:
+            media_pump(self.state).remove(flow)
+            call.interval_sent += flow.sent - call.sent
+            call.sent = flow.sent
+            call.flow = None
 
     def _refresh(self, call: _Call, what: str) -> None:
         config = self.state.config
@@ -432,6 +489,7 @@ class TurnSessionUser(_RelayUser):
         call, self.call_state = self.call_state, None
         if call is None:
             return
+        self._stop_flow(call)
         exits = 0
         for refresher in call.refreshers:
             refresher.kill(block=False)
@@ -445,11 +503,13 @@ class TurnSessionUser(_RelayUser):
                     exits += interrupted
                     exits += _absorb_exit(lambda: self._release(call.client, retry=True))
         finally:
+            self.count_retransmits(call.client)
             call.client.close()
         if exits:
             raise GreenletExit
 
     def _finish_stream(self, call: _Call, stream: StreamStats) -> None:
+        self.state.live.pop(self.number, None)
         stream.sequence.sent = call.sent
         self.state.media_for(self.target).add_stream(stream)
         self._summary(call, self.state.config.echo_grace)

@@ -2,13 +2,17 @@
 
 The asyncio client (:mod:`turnstorm.client`) cannot run inside Locust's gevent hub; this
 one reuses the same pure parts (the codec and :class:`ClientTransaction`) on a
-``gevent.socket``. One greenlet per client receives every datagram and dispatches it:
-responses to the waiting request by transaction id, ChannelData to a callback by channel
-number. Requests block only the calling greenlet.
+non-blocking UDP socket. No greenlet per client: a libev read watcher calls
+:meth:`UdpClient._readable` in the hub itself when datagrams are queued, which drains them
+and dispatches: responses to the waiting request (a gevent ``AsyncResult``) by transaction
+id, ChannelData to a callback by channel number (no greenlet switch per media packet).
+Requests block only the calling greenlet. Callbacks therefore run in the hub and must not
+block.
 """
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import socket
 import struct
@@ -18,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from gevent import socket as gsocket
 from gevent.event import AsyncResult
 
 from turnstorm.errors import TurnstormError, Unauthorized, error_for
@@ -76,8 +79,9 @@ class UdpClient:
         self.credentials = credentials
         self.policy = policy or RetransmitPolicy()
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        self.sock: Any = gsocket.socket(family, socket.SOCK_DGRAM)
+        self.sock: Any = _socket.socket(family, socket.SOCK_DGRAM)
         try:
+            self.sock.setblocking(False)
             if local is not None:
                 self.sock.bind(local)
             self.sock.connect(server)
@@ -100,7 +104,8 @@ class UdpClient:
         self._pending: dict[bytes, AsyncResult] = {}
         self._next_channel = stun.CHANNEL_MIN
         self._closed = False
-        self._receiver = gevent.spawn(self._receive_loop)
+        self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self._watcher.start(self._readable)
 
     @property
     def local_address(self) -> Address:
@@ -114,22 +119,25 @@ class UdpClient:
             raise WireError("the client is closed")
         try:
             self.sock.send(data)
+        except BlockingIOError:
+            raise WireError(f"cannot send to {_fmt(self.server)}: the send buffer is "
+                            "full") from None
         except OSError as exc:
             raise WireError(f"cannot send to {_fmt(self.server)}: {exc.strerror or exc}") from None
 
-    def _receive_loop(self) -> None:
+    def _readable(self) -> None:
+        """Drain the socket (called in the hub by the read watcher)."""
         recv = self.sock.recv
         unpack = _CHANNEL_HEADER.unpack_from
-        while True:
+        while not self._closed:
             try:
                 data = recv(RECV_SIZE)
+            except BlockingIOError:
+                return
             except OSError as exc:
-                if self._closed:
-                    return
                 # ICMP port unreachable on a connected socket: fail what is waiting.
                 self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
                                          f"{exc.strerror or exc}"))
-                gevent.sleep(0.01)
                 continue
             now = clock()
             if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
@@ -317,7 +325,8 @@ class UdpClient:
             return
         self._closed = True
         self._fail_all(WireError("the client is closed"))
-        self._receiver.kill(block=False)
+        self._watcher.stop()
+        self._watcher.close()
         self.sock.close()
 
     def release_and_close(self, timeout: float = 5.0) -> None:

@@ -15,8 +15,13 @@ from turnstorm.loadgen.shapes import (
     SHAPES,
     DiurnalShape,
     StormShape,
+    amplification,
     make_shape,
+    no_backoff,
+    send_times,
+    sends_within,
 )
+from turnstorm.proto.transaction import RetransmitPolicy
 
 
 def ticks(shape: StormShape, times: list[float], monkeypatch: pytest.MonkeyPatch) -> list[
@@ -87,3 +92,36 @@ def test_bad_parameters() -> None:
         make_shape("reconnect-storm", fraction=2)
     with pytest.raises(ConfigError, match="users must be a number, not 'many'"):
         SHAPES["steady"](users="many")  # type: ignore[arg-type]
+
+
+def test_retransmit_amplification_wave(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = make_shape("retransmit-amplification", base_users=10, wave_users=90, storm_at=5,
+                       window=3, no_backoff_fraction=0.25, duration=20)
+    assert ticks(shape, [0, 4.9, 5, 19.9, 20], monkeypatch) == [
+        (10, FAST_RATE), (10, FAST_RATE), (100, 30.0), (100, 30.0), None]
+    with pytest.raises(ConfigError, match="no_backoff_fraction must be between 0 and 1"):
+        make_shape("retransmit-amplification", no_backoff_fraction=1.5)
+
+
+def test_send_times_follow_rfc8489_with_and_without_backoff() -> None:
+    assert send_times(RetransmitPolicy()) == [0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5]
+    assert send_times(RetransmitPolicy(backoff=False)) == [0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert send_times(RetransmitPolicy(rto=0.1, rc=3)) == pytest.approx([0, 0.1, 0.3])
+
+
+def test_amplification_factor_during_an_outage() -> None:
+    # a 3.5 s outage: compliant clients send 3 times, non-compliant 7 times
+    assert sends_within(RetransmitPolicy(), 3.5) == 3
+    assert sends_within(RetransmitPolicy(backoff=False), 3.5) == 7
+    assert amplification(3.5, 0.0) == 1.0
+    assert amplification(3.5, 1.0) == pytest.approx(7 / 3)
+    assert amplification(3.5, 0.5) == pytest.approx((3 + 7) / 2 / 3)
+    # past the last retransmission both have sent Rc = 7 datagrams
+    assert amplification(40, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0])
+def test_no_backoff_users_are_an_exact_even_share(fraction: float) -> None:
+    chosen = [no_backoff(n, fraction) for n in range(300)]
+    for n in (1, 7, 10, 100, 300):
+        assert sum(chosen[:n]) == int(n * fraction + 1e-9)

@@ -1,0 +1,147 @@
+"""Paced media for many calls from one greenlet: a timer wheel, not a greenlet per packet.
+
+Every call of a process registers its connected UDP socket and channel with the process's
+:class:`MediaPump`. The pump wakes about once per millisecond (the hub's timer
+granularity), sends every frame due before ``now + LEAD`` with one ``os.write`` per
+datagram on the socket's descriptor (no greenlet switch, no gevent wrapper), and
+schedules the frame after it on a wheel of ``tick``-wide slots. A frame's send-timing
+error ``|sent - scheduled|`` (up to ``LEAD`` early, or late by the wake-up latency plus
+its place in the batch) is recorded in the ``send_lag`` histogram. The process-wide
+``--max-pps`` limiter is charged once per batch.
+
+A frame is ``seq (4 bytes) + send time (8 bytes, the generator's clock)`` padded to
+``frame_bytes``; echoes come back through the client's own receive greenlet.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+
+from turnstorm.loadgen.metrics import Histogram
+from turnstorm.loadgen.wire import clock
+
+MEDIA_HEADER = struct.Struct("!Id")
+"""Media payload header: sequence number and send time (the generator's clock)."""
+CHANNEL_HEADER = struct.Struct("!HHId")
+"""ChannelData header (channel, length) followed by the media header: one pack per frame."""
+TICK = 0.0005
+"""Seconds between pump wake-ups (and the grid frames are scheduled on)."""
+LEAD = 0.0005
+"""Frames due less than this far ahead are sent in the current wake-up (seconds)."""
+MAX_CATCH_UP = 10
+"""A call more than this many frames behind (overload) skips ahead instead of bursting."""
+
+
+@dataclass(eq=False)
+class MediaFlow:
+    """One call's outgoing stream."""
+
+    fd: int
+    channel: int
+    interval: float
+    frame_bytes: int
+    next_due: float
+    sent: int = 0
+    send_errors: int = 0
+    """Frames the kernel refused (a full send buffer: generator-induced loss)."""
+    padding: bytes = field(init=False, default=b"")
+
+    def __post_init__(self) -> None:
+        self.padding = bytes(self.frame_bytes - MEDIA_HEADER.size)
+
+
+class MediaPump:
+    """The process-wide sender of paced media (start it with :meth:`start`)."""
+
+    def __init__(self, state: Any, tick: float = TICK) -> None:
+        self.state = state
+        """Where ``send_lag`` (a :class:`Histogram`, replaced on each worker report) and
+        ``limiter`` (or None) are found."""
+        self.tick = tick
+        self.wheel: dict[int, list[MediaFlow]] = {}
+        self.flows = 0
+        self._added = 0
+        self.sent = 0
+        self.send_errors = 0
+        self._greenlet: Any = None
+
+    def add(self, sock: Any, channel: int, interval: float, frame_bytes: int) -> MediaFlow:
+        """Start sending on ``sock`` (connected to the relay) through ``channel``."""
+        # spread the flows' phases over the interval: even batches, not one burst
+        phases = max(1, round(interval / self.tick))
+        slot = int(clock() / self.tick) + 1 + self._added % phases
+        self._added += 1
+        flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
+        self.wheel.setdefault(slot, []).append(flow)
+        self.flows += 1
+        if self._greenlet is None or self._greenlet.dead:
+            self._greenlet = gevent.spawn(self._run)
+        return flow
+
+    def remove(self, flow: MediaFlow) -> None:
+        """Stop the flow (it is dropped from the wheel at its next slot)."""
+        if flow.fd >= 0:
+            flow.fd = -1
+            self.flows -= 1
+
+    def _run(self) -> None:
+        tick = self.tick
+        wheel = self.wheel
+        current = min(wheel) if wheel else int(clock() / tick)
+        while self.flows > 0:
+            # everything due before now + LEAD goes out now: the hub's timers fire up to
+            # ~1 ms late, so sending up to LEAD early centres the timing error on zero
+            last = int((clock() + LEAD) / tick)
+            while current <= last:
+                batch = wheel.pop(current, None)
+                if batch:
+                    self._send(batch, current)
+                current += 1
+            gevent.sleep(tick)
+        self._greenlet = None
+
+    def _send(self, batch: list[MediaFlow], slot: int) -> None:
+        limiter = getattr(self.state, "limiter", None)
+        if limiter is not None:
+            limiter.acquire(len(batch))  # may sleep: flows may be removed meanwhile
+        live = [flow for flow in batch if flow.fd >= 0]
+        if not live:
+            return
+        pack = CHANNEL_HEADER.pack
+        lag: Histogram = self.state.send_lag
+        record = lag.record_us
+        write = os.write
+        tick = self.tick
+        wheel = self.wheel
+        for flow in live:
+            sent_at = clock()
+            record(abs(sent_at - flow.next_due) * 1e6)
+            try:
+                write(flow.fd, pack(flow.channel, flow.frame_bytes, flow.sent, sent_at)
+                      + flow.padding)
+            except BlockingIOError:
+                flow.send_errors += 1
+                self.send_errors += 1
+            except OSError:
+                pass  # ICMP unreachable or a closed socket: the echo is simply missing
+            flow.sent += 1
+            due = flow.next_due + flow.interval
+            if due < sent_at - MAX_CATCH_UP * flow.interval:
+                due = sent_at + flow.interval
+            flow.next_due = due
+            wheel.setdefault(max(round(due / tick), slot + 1), []).append(flow)
+        self.sent += len(live)
+
+
+def media_pump(state: Any) -> MediaPump:
+    """The pump of the process whose aggregates are ``state`` (created on first use)."""
+    pump: MediaPump | None = getattr(state, "pump", None)
+    if pump is None:
+        pump = MediaPump(state)
+        state.pump = pump
+    return pump
