@@ -20,7 +20,7 @@ command -v "$PYTHON" >/dev/null || die "python3 not found; install Python 3.11 o
 
 # --- system packages ------------------------------------------------------------------
 APT_RUN=(coturn)
-APT_TEST=(coturn prometheus iproute2 nftables openssl)
+APT_TEST=(coturn prometheus iproute2 nftables openssl chromium)
 if [ "$MODE" = test ]; then packages=("${APT_TEST[@]}"); else packages=("${APT_RUN[@]}"); fi
 missing=()
 for pkg in "${packages[@]}"; do
