@@ -426,6 +426,9 @@ class TurnSessionUser(_RelayUser):
                   "permission": start + config.permission_refresh,
                   "channel": start + config.channel_refresh}
         next_summary = start + config.summary_interval
+        # The direct Binding baseline of the relay overhead is sampled through the call,
+        # under the same load as the media, not only once at call set-up.
+        next_probe = start + config.summary_interval
         flow = call.flow = media_pump(self.state).add(client.sock, call.channel,
                                                       config.frame_interval, config.frame_bytes)
         try:
@@ -438,12 +441,16 @@ class TurnSessionUser(_RelayUser):
                     call.refreshers.append(gevent.spawn(self._refresh, call, name))
                 if self.state.cgnat is not None:
                     self.touch_mapping()  # mapping timeouts are minutes; once a wake-up does
+                if now >= next_probe:
+                    next_probe = now + config.summary_interval
+                    call.refreshers.append(gevent.spawn(self._probe, call))
                 if now >= next_summary:
                     call.interval_sent = flow.sent - call.sent
                     call.sent = flow.sent
                     self._summary(call, now - next_summary + config.summary_interval)
                     next_summary = now + config.summary_interval
-                gevent.sleep(max(0.0, min(end, next_summary, *timers.values()) - clock()))
+                gevent.sleep(max(0.0, min(end, next_summary, next_probe, *timers.values())
+                                 - clock()))
         finally:
             self._stop_flow(call)
 
@@ -468,6 +475,12 @@ class TurnSessionUser(_RelayUser):
         name, operation = operations[what]
         with contextlib.suppress(OperationFailed):
             self.operation("TURN", name, operation)
+
+    def _probe(self, call: _Call) -> None:
+        client = call.client
+        with contextlib.suppress(OperationFailed):
+            self.operation("STUN", "Binding", lambda: (None, client.binding()[1]))
+            self.state.media_for(self.target).binding_rtt.record_seconds(client.last_rtt)
 
     def _summary(self, call: _Call, seconds: float) -> None:
         if call.interval_count:
