@@ -207,6 +207,8 @@ class ScaleOutcome:
     replicas: int
     status: dict[str, Any]
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    probes: dict[str, float | None] = field(default_factory=dict)
+    """The operator's STUN probe RTT (ms) per ready relay; None: no answer."""
 
 
 def samples_for(spec: TurnPoolSpec, views: list[PodView], replicas: int,
@@ -249,8 +251,7 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
                                                "kept it after its removal"))
     live = [v for v in views if not v.deleting and v.removed_at is None]
     raw = source.read(spec, live)
-    samples = samples_for(spec, views, replicas, raw, scaler, now, wall,
-                          probe="probeRttMs" in spec.scaling.targets)
+    samples = samples_for(spec, views, replicas, raw, scaler, now, wall, probe=True)
     decision = scaler.autoscaler.evaluate(now, samples)
     by_name = {s.name: s for s in samples}
 
@@ -300,7 +301,9 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
     }
     if new_replicas != replicas:
         status["lastScaleTime"] = iso(wall)
-    return ScaleOutcome(decision, new_replicas, status, events)
+    probes = {s.name: s.signals.get("probe_rtt_ms") for s in samples
+              if not s.name.startswith("(pending") and s.ready}
+    return ScaleOutcome(decision, new_replicas, status, events, probes)
 
 
 def _allocs(sample: RelaySample) -> int:

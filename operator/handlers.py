@@ -59,6 +59,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
+    pending: set[str] = _state.setdefault("pending", set())
+    if outcome.retry_after is None:
+        pending.discard(body["metadata"]["uid"])
+    else:
+        pending.add(body["metadata"]["uid"])
+    metrics.QUEUE_DEPTH.set(len(pending))
     for key, value in outcome.status.items():
         patch.status[key] = value
     for event in outcome.events:
@@ -118,8 +124,10 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
     metrics.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
     for signal, ratio in outcome.decision.ratios.items():
         metrics.SATURATION.labels(*labels, signal).set(ratio)
+    for relay, rtt in outcome.probes.items():
+        metrics.PROBE_RTT.labels(*labels, relay).set(float("nan") if rtt is None else rtt / 1000)
     for kind, reason, message in outcome.events:
-        metrics.SCALE_EVENTS.labels(reason).inc()
+        metrics.SCALE_EVENTS.labels(*labels, reason).inc()
         (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
 
 
@@ -157,6 +165,9 @@ def forget(body: kopf.Body, **_: Any) -> None:
     pools: set[str] = _state.setdefault("pools", set())
     pools.discard(body["metadata"]["uid"])
     metrics.POOLS.set(len(pools))
+    pending: set[str] = _state.setdefault("pending", set())
+    pending.discard(body["metadata"]["uid"])
+    metrics.QUEUE_DEPTH.set(len(pending))
 
 
 @kopf.on.probe(id="pools")

@@ -17,9 +17,14 @@ turnstorm_operator_deployment_relays           gauge      Deployment replicas (d
 turnstorm_operator_draining_relays             gauge      relays out of rotation, draining
 turnstorm_operator_saturation_ratio            gauge      signal value / target, labels
                                                           ``namespace``, ``pool``, ``signal``
-turnstorm_operator_scale_events_total          counter    scaling actions, label ``action``
-                                                          (ScaleUp|ScaleDown|Drain|Undrain|
-                                                          Remove)
+turnstorm_operator_scale_events_total          counter    scaling actions, labels ``namespace``,
+                                                          ``pool``, ``action`` (ScaleUp|
+                                                          ScaleDown|Drain|Undrain|Remove|Delete)
+turnstorm_operator_probe_rtt_seconds           gauge      the operator's own STUN Binding RTT
+                                                          to each relay, labels ``namespace``,
+                                                          ``pool``, ``relay`` (NaN: no answer)
+turnstorm_operator_queue_depth                 gauge      pools with a change or retry not yet
+                                                          handled successfully
 =============================================  =========  ===================================
 """
 
@@ -42,4 +47,9 @@ DRAINING = Gauge("turnstorm_operator_draining_relays", "Relays draining",
                  ["namespace", "pool"])
 SATURATION = Gauge("turnstorm_operator_saturation_ratio", "Signal value over its target",
                    ["namespace", "pool", "signal"])
-SCALE_EVENTS = Counter("turnstorm_operator_scale_events", "Scaling actions", ["action"])
+SCALE_EVENTS = Counter("turnstorm_operator_scale_events", "Scaling actions",
+                       ["namespace", "pool", "action"])
+PROBE_RTT = Gauge("turnstorm_operator_probe_rtt_seconds",
+                  "The operator's STUN Binding RTT to each relay", ["namespace", "pool", "relay"])
+QUEUE_DEPTH = Gauge("turnstorm_operator_queue_depth",
+                    "Pools with a change or retry not yet handled successfully")
