@@ -59,6 +59,7 @@ def run_locust(
     workers: int = 0,
     web_port: int | None = None,
     worker_dump_dir: str | None = None,
+    listen_host: str = "127.0.0.1",
 ) -> RunResult:
     """Run ``user_classes`` for at most ``duration`` seconds (a shape may end it sooner).
 
@@ -69,7 +70,8 @@ def run_locust(
     this process and that many worker processes on loopback; the result then holds the
     master's merge of every worker's final report. ``web_port`` serves Locust's web UI
     with the Media tab on 127.0.0.1. ``worker_dump_dir`` makes each worker write what it
-    measured to ``worker-<i>.json`` there (for tests of the merge).
+    measured to ``worker-<i>.json`` there (for tests of the merge). ``listen_host`` is the
+    address the metrics endpoints and the web UI bind (``0.0.0.0`` in a pod).
     """
     if duration <= 0:
         raise ValueError("duration must be positive")
@@ -82,7 +84,7 @@ def run_locust(
     state.cgnat = cgnat
     servers = []
     if metrics_port is not None:
-        servers.append(serve(environment, metrics_port))
+        servers.append(serve(environment, metrics_port, listen_host))
     processes: list[Any] = []
     saved_argv = sys.argv
     runner: Any
@@ -91,7 +93,7 @@ def run_locust(
             master_port = free_port()
             runner = environment.create_master_runner("127.0.0.1", master_port)
             processes = start_workers(config, user_classes, workers, master_port,
-                                      metrics_port, worker_dump_dir)
+                                      metrics_port, worker_dump_dir, listen_host)
             wait_for_workers(runner, processes, workers)
         else:
             runner = environment.create_local_runner()
@@ -99,7 +101,7 @@ def run_locust(
             # Locust's web UI re-parses sys.argv with its own parser (for the "extra
             # options" of its start form): hide our command line from it for the run.
             saved_argv, sys.argv = sys.argv, sys.argv[:1]
-            environment.create_web_ui("127.0.0.1", web_port)
+            environment.create_web_ui(listen_host, web_port)
             install_media_tab(environment)
         started = time.monotonic()
         if shape is not None:
@@ -134,7 +136,7 @@ def run_locust(
 
 def start_workers(config: LoadgenConfig, user_classes: Sequence[type[Any]], count: int,
                   master_port: int, metrics_port: int | None,
-                  dump_dir: str | None) -> list[Any]:
+                  dump_dir: str | None, listen_host: str = "127.0.0.1") -> list[Any]:
     """``count`` worker processes; the config (with the secret) goes through stdin. The
     packet-rate bound is the whole run's: each worker gets ``max_pps / count``."""
     specs = ",".join(f"{cls.__module__}:{cls.__qualname__}" for cls in user_classes)
@@ -147,7 +149,8 @@ def start_workers(config: LoadgenConfig, user_classes: Sequence[type[Any]], coun
                    "--master-port", str(master_port), "--users", specs,
                    "--prefix", f"{config.user_prefix}-w{index}-"]
         if metrics_port is not None:
-            command += ["--metrics-port", str(metrics_port + 1 + index)]
+            command += ["--metrics-port", str(metrics_port + 1 + index),
+                        "--metrics-host", listen_host]
         if dump_dir is not None:
             command += ["--dump", os.path.join(dump_dir, f"worker-{index}.json")]
         process = gsubprocess.Popen(command, stdin=gsubprocess.PIPE)

@@ -76,14 +76,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="put subscribers behind emulated CGNAT gateways on 127.100.0.x, "
                         "e.g. 4:64:120")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics on 127.0.0.1:PORT while the storm runs "
+                   help="serve Prometheus metrics on --listen-host:PORT while the storm runs "
                         "(with --workers, worker i serves PORT+1+i)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="local distributed mode: a Locust master here and N worker "
                         "processes on loopback (default 0: users run in this process)")
     p.add_argument("--web", type=int, nargs="?", const=8089, metavar="PORT",
-                   help="serve Locust's web UI with the Media tab on 127.0.0.1:PORT "
+                   help="serve Locust's web UI with the Media tab on --listen-host:PORT "
                         "(default 8089) while the storm runs")
+    p.add_argument("--listen-host", default="127.0.0.1", metavar="ADDR",
+                   help="address the metrics endpoint and the web UI bind (default "
+                        "127.0.0.1; 0.0.0.0 in a pod, so Prometheus and users reach them)")
     p.add_argument("--out", metavar="DIR", help="write results.json and CSV files here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -153,7 +156,18 @@ def _run_locust(args: argparse.Namespace, config: LoadgenConfig,
     progress = None if args.quiet else _progress_printer()
     return run_locust(config, classes, duration=args.duration, users=args.users,
                       spawn_rate=args.spawn_rate, shape=shape, cgnat=cgnat, progress=progress,
-                      metrics_port=args.metrics_port, workers=args.workers, web_port=args.web)
+                      metrics_port=args.metrics_port, workers=args.workers, web_port=args.web,
+                      listen_host=_listen_host(args.listen_host))
+
+
+def _listen_host(text: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"--listen-host {text!r} is not an IP address") from None
+    return text
 
 
 def _shape_params(items: list[str]) -> dict[str, float]:

@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--master-port", type=int, required=True)
     parser.add_argument("--users", required=True, help="comma-separated MODULE:CLASS")
     parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--prefix", help="REST username prefix of this worker's users")
     parser.add_argument("--dump", help="write this worker's cumulative report here when the "
                         "test stops")
@@ -53,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = install(environment, config)
     assert state is not None
     attach(environment)  # before the runner: it must see statistics before Locust resets them
-    metrics = serve(environment, args.metrics_port) if args.metrics_port else None
+    metrics = (serve(environment, args.metrics_port, args.metrics_host)
+               if args.metrics_port else None)
     runner = environment.create_worker_runner("127.0.0.1", args.master_port)
 
     def final_report(**_kwargs: Any) -> None:
