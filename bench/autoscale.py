@@ -1,0 +1,630 @@
+"""Autoscaling through CGNAT storms: our policy vs HPA-on-CPU and KEDA-on-allocations.
+
+Runs ``python -m bench.autoscale [--quick]`` from the repository root (root needed: the
+relays are CPU-capped through cgroups). Three parts, all in one run:
+
+1. **Calibration (measured).** One real coturn relay on 127.0.0.x, capped at ``--cpus``
+   cores by a cgroup, carries an increasing number of calls: asyncio TURN clients
+   (Allocate + ChannelBind) sending 160-byte ChannelData every 20 ms to an echo peer, so
+   each call puts 100 packets/s through the relay. Per step: loss, p99 RTT, the relay's
+   CPU. The knee is the most calls meeting the SLO (loss < 1 %, p99 RTT < 150 ms); the
+   saturation throughput is the most relayed packets/s seen when overdriven.
+2. **Trace replay (modeled).** :mod:`turnstorm.simulate` replays a reconnect storm and a
+   flash crowd, sized for relays of the calibrated capacity, against three policies run by
+   the real :class:`~turnstorm.policy.Autoscaler`:
+
+   * ``ours``: allocationsPerRelay = 90 % of the calibrated SLO capacity, storm options on
+     (lookahead 45 s: start-up 15 s plus the lag of the 30 s slope window), other storm
+     options at their defaults, metrics.intervalSeconds 5, scaleDown window 30 s (a
+     drained relay is put back in rotation at once if load returns, so scale-in can start
+     early), drain deadline 900 s, scale-in by drain; all of these are TurnPool fields;
+   * ``hpa-cpu70``: an HPA v2 on cpuUtilization 70 % of the limit, default behaviors
+     (up: window 0, max(100 %, 4 pods)/15 s; down: window 300 s, 100 %/15 s), 15 s sync
+     period, CPU averaged over 15 s (metrics-server), scale-in deletes the newest pods;
+   * ``keda-alloc``: a KEDA ScaledObject on allocations per relay = 80 % of the
+     calibrated SLO capacity (the usual headroom), default HPA behaviors, 15 s sync, scale-in
+     deletes the newest pods (neither HPA nor KEDA can choose which pod goes).
+
+   Prints per policy and trace: SLO-violation seconds, replica-seconds, allocations cut
+   during scale-in, time to recover, and ratios to the best baseline (fewest violation
+   seconds, then fewest replica-seconds).
+3. **One short trace for real (measured).** A :class:`~turnstorm.actuator.LocalPool` of
+   CPU-capped coturn relays, the real Autoscaler (ours) applied through
+   ``LocalPool.apply`` every second, and generator calls: a base load, a reconnect storm
+   that overloads the single relay, the scale-out, calls leaving, the drain and removal.
+   Calls on a relay losing > 5 % of packets for 2 s re-allocate from the rotation (an ICE
+   restart), as in the model. Prints RTT p99/loss before and after the scale-out and the
+   allocations cut at scale-in.
+
+The last line is the verdict: ``autoscale: <figure> (goal <goal>) ok|short``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from turnstorm.actuator import LocalPool
+from turnstorm.client import TurnClient
+from turnstorm.errors import TurnstormError
+from turnstorm.exporter import read_cpu_seconds
+from turnstorm.policy import Autoscaler, StormOptions
+from turnstorm.proto.credentials import Credentials
+from turnstorm.proto.stun import Address
+from turnstorm.proto.transaction import TransactionTimeout
+from turnstorm.simulate import (
+    MEDIA_PPS,
+    SESSION_RELAYED_PPS,
+    PolicySetup,
+    RelayModel,
+    SimConfig,
+    SimResult,
+    Trace,
+    flash_crowd,
+    reconnect_storm,
+    simulate,
+)
+from turnstorm.spec import ScalingBehavior, ScalingPolicy
+
+SLO_RTT_MS = 150.0
+SLO_LOSS = 0.01
+GOAL_VIOLATION_RATIO = 0.5
+GOAL_REPLICA_RATIO = 1.1
+OUR_TARGET_SHARE = 0.9
+"""Our allocationsPerRelay as a share of the calibrated SLO capacity."""
+KEDA_TARGET_SHARE = 0.80
+STORM_SECONDS = 5.0
+"""The live storm's calls arrive within this many seconds."""
+HEADER = struct.Struct("!IIq")
+PACKET = 160
+PAD = b"\0" * (PACKET - HEADER.size)
+INTERVAL = 1 / MEDIA_PPS
+
+
+# -- generator: calls with paced media through real relays -----------------------------------
+
+
+@dataclass
+class Call:
+    cid: int
+    client: TurnClient
+    channel: int
+    relay: str
+    """Relay host the call is on."""
+    seq: int = 0
+    ends_at: float = float("inf")
+
+
+@dataclass
+class Media:
+    """Calls sending ChannelData every 20 ms to an echo peer through their relay; every
+    packet carries (call, seq, send time) so echoes give RTT and loss per send second."""
+
+    secret: str
+    peer: Address
+    calls: dict[int, Call] = field(default_factory=dict)
+    sent: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+    received: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+    rtts: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    """Send second -> RTTs (ms) of the packets sent then."""
+    origin: float = field(default_factory=time.perf_counter)
+    lags: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    """Second -> how late each 20 ms send tick fired (ms): the generator's own delay."""
+    failed: int = 0
+    pending: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _next: int = 0
+
+    def _on_data(self, relay: str) -> Callable[[Address, bytes], None]:
+        def handler(_peer: Address, data: bytes) -> None:
+            _cid, _seq, sent_ns = HEADER.unpack_from(data)
+            now = time.perf_counter_ns()
+            second = int((sent_ns / 1e9) - self.origin)
+            self.received[(relay, second)] += 1
+            self.rtts[second].append((now - sent_ns) / 1e6)
+        return handler
+
+    async def open(self, server: Address, duration: float = float("inf")) -> Call | None:
+        cid = self._next
+        self._next += 1
+        creds = Credentials.ephemeral(self.secret, f"bench-{cid}", time.time())
+        client = await TurnClient.connect(server, "udp", credentials=creds)
+        try:
+            await client.allocate()
+            channel = await client.channel_bind(self.peer)
+        except (TurnstormError, TransactionTimeout, OSError):
+            client.close()
+            self.failed += 1
+            return None
+        client.on_data = self._on_data(server[0])
+        call = Call(cid, client, channel, server[0], ends_at=time.perf_counter() + duration)
+        self.calls[cid] = call
+        return call
+
+    async def open_many(self, choose: Callable[[], Address], durations: list[float],
+                        concurrency: int = 32) -> None:
+        """Open one call per duration, each on the relay ``choose()`` names just before."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(duration: float) -> None:
+            async with limit:
+                server = choose()
+                self.pending[server[0]] += 1
+                try:
+                    await self.open(server, duration)
+                finally:
+                    self.pending[server[0]] -= 1
+
+        await asyncio.gather(*(one(d) for d in durations))
+
+    def load(self) -> dict[str, int]:
+        """Calls per relay host, calls being opened included."""
+        counts: dict[str, int] = defaultdict(int, self.pending)
+        for call in self.calls.values():
+            counts[call.relay] += 1
+        return counts
+
+    async def hang_up(self, call: Call) -> None:
+        self.calls.pop(call.cid, None)
+        with contextlib.suppress(TurnstormError, TransactionTimeout, OSError):
+            await asyncio.wait_for(call.client.release(), 2.0)
+        call.client.close()
+
+    def tick(self) -> None:
+        now_ns = time.perf_counter_ns()
+        second = int(now_ns / 1e9 - self.origin)
+        for call in self.calls.values():
+            with contextlib.suppress(TurnstormError, OSError):
+                call.client.send_channel(call.channel,
+                                         HEADER.pack(call.cid, call.seq, now_ns) + PAD)
+                call.seq += 1
+                self.sent[(call.relay, second)] += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not stop.is_set():
+            self.lags[self.second()].append(1000 * max(0.0, loop.time() - next_at))
+            self.tick()
+            ended = [c for c in self.calls.values() if c.ends_at <= time.perf_counter()]
+            for call in ended:
+                asyncio.ensure_future(self.hang_up(call))  # noqa: RUF006
+            next_at += INTERVAL
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+    def second(self) -> int:
+        return int(time.perf_counter() - self.origin)
+
+    def window(self, first: int, last: int, relay: str | None = None
+               ) -> tuple[float, float, int]:
+        """(p99 RTT ms, loss, packets sent) over send seconds [first, last)."""
+        sent = sum(v for (r, s), v in self.sent.items()
+                   if first <= s < last and (relay is None or r == relay))
+        got = sum(v for (r, s), v in self.received.items()
+                  if first <= s < last and (relay is None or r == relay))
+        rtts = sorted(x for s in range(first, last) for x in self.rtts.get(s, []))
+        p99 = rtts[min(len(rtts) - 1, int(0.99 * len(rtts)))] if rtts else float("nan")
+        return p99, (1 - got / sent) if sent else 0.0, sent
+
+    def lag_p99(self, first: int, last: int) -> float:
+        lags = sorted(x for s in range(first, last) for x in self.lags.get(s, []))
+        return lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else float("nan")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.hang_up(c) for c in list(self.calls.values())))
+
+
+def start_echo() -> tuple[subprocess.Popen[str], Address]:
+    echo = subprocess.Popen([sys.executable, "-m", "turnstorm.loadgen.echo", "--host",
+                             "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    assert echo.stdout is not None
+    line = echo.stdout.readline().split()
+    if not line:
+        echo.kill()
+        raise SystemExit("the echo peer did not start")
+    host, _, port = line[-1].rpartition(":")
+    return echo, (host, int(port))
+
+
+LEFTOVERS: dict[str, set[str]] = {"pids": set(), "cgroups": set()}
+"""Every relay process and cgroup this run created, checked at the end."""
+
+
+def track(pool: LocalPool) -> None:
+    for member in pool:
+        if member.pid is not None:
+            LEFTOVERS["pids"].add(str(member.pid))
+        if member.cgroup is not None and member.cgroup.created:
+            LEFTOVERS["cgroups"].add(member.cgroup.path)
+
+
+def leftovers() -> list[str]:
+    """Relay processes or cgroups of this run still present."""
+    alive = [f"pid {pid}" for pid in LEFTOVERS["pids"] if os.path.exists(f"/proc/{pid}")]
+    return alive + [path for path in LEFTOVERS["cgroups"] if os.path.exists(path)]
+
+
+def stop_echo(echo: subprocess.Popen[str]) -> None:
+    echo.terminate()
+    try:
+        echo.wait(5)
+    except subprocess.TimeoutExpired:
+        echo.kill()
+        echo.wait()
+
+
+# -- 1. calibration ---------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    calls: int
+    offered_pps: float
+    relayed_pps: float
+    loss: float
+    p99_ms: float
+    cpu_cores: float
+
+    @property
+    def meets_slo(self) -> bool:
+        return self.loss < SLO_LOSS and self.p99_ms < SLO_RTT_MS
+
+
+async def calibrate(cpus: float, steps: list[int], seconds: float) -> list[Step]:
+    echo, peer = start_echo()
+    results: list[Step] = []
+    try:
+        with LocalPool(cpus=cpus, cgroup_prefix=f"bench-cal-{random.getrandbits(24):06x}"
+                       ) as pool:
+            relay = pool.start_relay()
+            track(pool)
+            assert relay.pid is not None
+            media = Media(pool.secret, peer)
+            server = (relay.host, relay.port)
+            stop = asyncio.Event()
+            sender = asyncio.create_task(media.run(stop))
+            try:
+                for count in steps:
+                    missing = count - len(media.calls)
+                    await media.open_many(lambda: server, [float("inf")] * missing)
+                    await asyncio.sleep(0.3)
+                    first = media.second() + 1
+                    while media.second() < first:
+                        await asyncio.sleep(0.02)
+                    cpu0, t0 = read_cpu_seconds(relay.pid), time.perf_counter()
+                    await asyncio.sleep(seconds)
+                    cpu = (read_cpu_seconds(relay.pid) - cpu0) / (time.perf_counter() - t0)
+                    last = media.second()
+                    await asyncio.sleep(0.6)  # late echoes
+                    p99, loss, sent = media.window(first, last)
+                    span = max(1, last - first)
+                    results.append(Step(len(media.calls), 2 * sent / span,
+                                        2 * sent * (1 - loss) / span, loss, p99, cpu))
+                    s = results[-1]
+                    print(f"  {s.calls:>5} calls {s.offered_pps:>8.0f} {s.relayed_pps:>8.0f} "
+                          f"{s.loss:>7.2%} {s.p99_ms:>8.1f} {s.cpu_cores:>6.2f}", flush=True)
+                    if s.loss > 0.05:
+                        break
+            finally:
+                stop.set()
+                await sender
+                await media.close()
+    finally:
+        stop_echo(echo)
+    return results
+
+
+def fit_model(steps: list[Step], cpus: float) -> tuple[RelayModel, Step]:
+    good = [s for s in steps if s.meets_slo]
+    knee = max(good, key=lambda s: s.calls) if good else steps[0]
+    light = steps[0]
+    overloaded = [s for s in steps if not s.meets_slo]
+    capacity = max(s.relayed_pps for s in steps)
+    if not overloaded:
+        capacity = max(capacity, knee.relayed_pps / 0.9)  # not overdriven: a lower bound
+    max_p99 = max(s.p99_ms for s in steps)
+    cpu_per_packet = knee.cpu_cores / knee.relayed_pps
+    model = RelayModel.fit(capacity_pps=capacity, cpu_per_packet=cpu_per_packet,
+                           cpu_limit=cpus, base_p99_ms=light.p99_ms,
+                           knee_pps=knee.relayed_pps, knee_p99_ms=knee.p99_ms,
+                           max_p99_ms=max(max_p99, 2 * SLO_RTT_MS))
+    return model, knee
+
+
+# -- 2. trace replay ---------------------------------------------------------------------------
+
+
+def behavior(window: int, percent: int, pods: int) -> ScalingBehavior:
+    return ScalingBehavior(window, percent, pods, 15)
+
+
+def policy(targets: dict[str, float], down_window: int = 300) -> ScalingPolicy:
+    return ScalingPolicy(enabled=True, tolerance=0.1, targets=targets,
+                         scale_up=behavior(0, 100, 4), scale_down=behavior(down_window, 100, 0),
+                         drain_deadline_seconds=900)
+
+
+def setups(slo_calls: int, max_relays: int) -> list[PolicySetup]:
+    ours = round(OUR_TARGET_SHARE * slo_calls)
+    keda = round(KEDA_TARGET_SHARE * slo_calls)
+    return [
+        PolicySetup("ours", lambda: Autoscaler(
+            policy({"allocationsPerRelay": ours}, down_window=30), 1, max_relays,
+            StormOptions(lookahead_seconds=45)), interval=5, drain=True,
+            description=f"allocationsPerRelay {ours}, storm lookahead 45 s, interval 5 s, "
+                        "scaleDown window 30 s, drain (deadline 900 s)"),
+        PolicySetup("hpa-cpu70", lambda: Autoscaler(
+            policy({"cpuUtilization": 70}), 1, max_relays, StormOptions(enabled=False)),
+            interval=15, drain=False,
+            description="cpuUtilization 70 %, default behaviors, sync 15 s, CPU over 15 s, "
+                        "deletes newest"),
+        PolicySetup("keda-alloc", lambda: Autoscaler(
+            policy({"allocationsPerRelay": keda}), 1, max_relays, StormOptions(enabled=False)),
+            interval=15, drain=False,
+            description=f"allocationsPerRelay {keda}, default behaviors, sync 15 s, "
+                        "deletes newest"),
+    ]
+
+
+def traces(slo_calls: int, seed: int) -> list[Trace]:
+    """Sized in relays of the calibrated capacity: a background of 1.3 relays' worth of
+    calls; the storm adds about 4.5 relays' worth within 60 s, the flash crowd about 4."""
+    background = round(1.3 * slo_calls)
+    storm_calls = 4.5 * slo_calls
+    subscribers = round(storm_calls / 0.25)
+    return [
+        reconnect_storm(seed, subscribers=subscribers, share=0.25, window=60,
+                        background=background),
+        flash_crowd(seed, peak_rate=8.0 * slo_calls / 229, background=background),
+    ]
+
+
+def replay(model: RelayModel, seed: int, max_relays: int
+           ) -> list[tuple[Trace, list[SimResult]]]:
+    slo_calls = model.slo_sessions(SLO_RTT_MS, SLO_LOSS)
+    out = []
+    config = SimConfig(max_replicas=max_relays, slo_rtt_ms=SLO_RTT_MS, slo_loss=SLO_LOSS)
+    for trace in traces(slo_calls, seed):
+        out.append((trace, [simulate(trace, model, s, config)
+                            for s in setups(slo_calls, max_relays)]))
+    return out
+
+
+def best_baseline(results: list[SimResult]) -> SimResult:
+    return min((r for r in results if r.policy != "ours"),
+               key=lambda r: (r.slo_violation_seconds, r.replica_seconds))
+
+
+def ratio(a: float, b: float) -> float:
+    if b == 0:
+        return 0.0 if a == 0 else float("inf")
+    return a / b
+
+
+# -- 4. one short trace for real -----------------------------------------------------------------
+
+
+@dataclass
+class LiveResult:
+    before: tuple[float, float, int, float]
+    after: tuple[float, float, int, float]
+    base: tuple[float, float, int, float]
+    peak_relays: int
+    restarts: int
+    cut: int
+    events: list[str]
+    failed: int
+
+
+async def live(cpus: float, knee_calls: int, slo_calls: int, quick: bool) -> LiveResult:
+    rng = random.Random(7)
+    target = max(10, round(OUR_TARGET_SHARE * slo_calls))
+    scaler = Autoscaler(
+        ScalingPolicy(enabled=True, tolerance=0.1, targets={"allocationsPerRelay": target},
+                      scale_up=ScalingBehavior(0, 100, 4, 15),
+                      scale_down=ScalingBehavior(4, 100, 0, 15), drain_deadline_seconds=60),
+        1, 4, StormOptions(lookahead_seconds=5, slope_window_seconds=5))
+    base_calls = max(10, round(0.6 * knee_calls))
+    storm_calls = max(10, round(1.0 * knee_calls))
+    hold = 8.0 if quick else 15.0
+    echo, peer = start_echo()
+    try:
+        with LocalPool(cpus=cpus, cgroup_prefix=f"bench-live-{rng.getrandbits(24):06x}"
+                       ) as pool:
+            pool.start_relay()
+            track(pool)
+            media = Media(pool.secret, peer)
+            stop = asyncio.Event()
+            sender = asyncio.create_task(media.run(stop))
+            restarts = 0
+            lossy: dict[str, int] = defaultdict(int)
+            t0 = time.perf_counter()
+            peak = 1
+            marks: dict[str, int] = {}
+
+            def least_loaded() -> Address:
+                counts = media.load()
+                return min(pool.rotation_addresses(), key=lambda a: counts[a[0]])
+
+            async def control(until: float) -> None:
+                nonlocal restarts, peak
+                while time.perf_counter() - t0 < until:
+                    await asyncio.sleep(1.0)
+                    now = time.perf_counter() - t0
+                    samples = await asyncio.to_thread(pool.samples, now)
+                    decision = scaler.evaluate(now, samples)
+                    done = await asyncio.to_thread(pool.apply, decision, now)
+                    track(pool)
+                    if done["started"] and "scaled" not in marks:
+                        marks["scaled"] = media.second()
+                    peak = max(peak, len(pool.relays))
+                    # ICE restarts off relays losing > 5 % for 2 s.
+                    sec = media.second()
+                    for member in list(pool.relays.values()):
+                        _, loss, sent = media.window(sec - 2, sec - 1, member.host)
+                        lossy[member.host] = lossy[member.host] + 1 if (
+                            sent and loss > 0.05) else 0
+                        if lossy[member.host] >= 2 and len(pool.rotation()) > 1:
+                            movers = [c for c in media.calls.values()
+                                      if c.relay == member.host]
+                            for call in movers[:max(1, len(movers) // 5)]:
+                                destination = least_loaded()
+                                if destination[0] == member.host:
+                                    break
+                                await media.hang_up(call)
+                                new = await media.open(destination,
+                                                       call.ends_at - time.perf_counter())
+                                restarts += new is not None
+
+            base_durations = [rng.uniform(hold + STORM_SECONDS + 6, hold + STORM_SECONDS + 9)
+                              for _ in range(base_calls)]
+            await media.open_many(least_loaded, base_durations)
+            controller = asyncio.create_task(control(hold + STORM_SECONDS + 16))
+            await asyncio.sleep(3.0)
+            marks["storm"] = media.second()
+            # The storm: the calls arrive within STORM_SECONDS, each placed on the
+            # least-loaded relay in rotation at that moment.
+            per_tick = max(1, round(storm_calls / (STORM_SECONDS * 10)))
+            opened = 0
+            storm_started = time.perf_counter()
+            while opened < storm_calls:
+                elapsed = time.perf_counter() - storm_started
+                batch = min(per_tick, storm_calls - opened)
+                asyncio.ensure_future(media.open_many(  # noqa: RUF006
+                    least_loaded, [rng.uniform(hold + STORM_SECONDS - elapsed + 1,
+                                               hold + STORM_SECONDS - elapsed + 3)
+                                   for _ in range(batch)]))
+                opened += batch
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(hold)
+            marks["end"] = media.second()
+            await controller
+            marks.setdefault("scaled", marks["end"])
+            cut = pool.allocations_cut
+            stop.set()
+            await sender
+            await media.close()
+            await asyncio.sleep(0.5)
+            events = list(pool.events)
+    finally:
+        stop_echo(echo)
+    storm = marks["storm"]
+
+    def window(first: int, last: int) -> tuple[float, float, int, float]:
+        return (*media.window(first, last), media.lag_p99(first, last))
+
+    return LiveResult(
+        base=window(1, storm), before=window(storm + 1, max(storm + 2, marks["scaled"] + 1)),
+        after=window(marks["end"] - 4, marks["end"]), peak_relays=peak,
+        restarts=restarts, cut=cut, events=events, failed=media.failed)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def fmt_window(w: tuple[float, float, int, float]) -> str:
+    return (f"RTT p99 {w[0]:6.1f} ms, loss {w[1]:6.2%} ({w[2]} packets; generator's own "
+            f"send-tick lag p99 {w[3]:.1f} ms)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.autoscale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter steps (< 60 s in all)")
+    parser.add_argument("--cpus", type=float, default=0.25, help="CPU cap per relay, cores")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-live", action="store_true", help="skip the real trace")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        import uvloop
+        run: Callable[..., object] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency of the generator
+        run = asyncio.run
+
+    step_seconds = 1.0 if args.quick else 3.0
+    counts = [round(args.cpus / 0.25 * n) for n in (20, 100, 160, 200, 240, 280, 340)]
+    print(f"1. calibration: one coturn capped at {args.cpus:g} CPU, calls of {MEDIA_PPS} pps "
+          f"each way ({SESSION_RELAYED_PPS} relayed pps), {step_seconds:g} s per step")
+    print(f"  {'':>11}{'offered':>9}{'relayed':>9}{'loss':>8}{'p99 ms':>9}{'CPU':>7}")
+    steps = run(calibrate(args.cpus, counts, step_seconds))
+    assert isinstance(steps, list)
+    model, knee = fit_model(steps, args.cpus)
+    slo_calls = model.slo_sessions(SLO_RTT_MS, SLO_LOSS)
+    print(f"  knee: {knee.calls} calls = {knee.relayed_pps:.0f} relayed pps (loss "
+          f"{knee.loss:.2%}, p99 {knee.p99_ms:.1f} ms); saturation {model.capacity_pps:.0f} "
+          f"relayed pps; CPU {model.cpu_per_packet * 1e6:.1f} us/packet; light-load p99 "
+          f"{model.base_p99_ms:.1f} ms")
+    print(f"  model: M/M/1/K, K={model.buffer_packets} packets, a={model.queue_ms:.1f} ms, "
+          f"max p99 {model.max_p99_ms:.0f} ms -> {slo_calls} calls per relay inside the SLO "
+          f"({time.perf_counter() - started:.0f} s so far)")
+
+    max_relays = 12
+    print(f"\n2. trace replay (modeled, seed {args.seed}, start-up 15 s, relays "
+          f"{SimConfig().initial}..{max_relays})")
+    for s in setups(slo_calls, max_relays):
+        print(f"  {s.name:<11} {s.description}")
+    worst_violation = worst_replica = 0.0
+    our_cut = 0
+    baselines_cut = True
+    for trace, results in replay(model, args.seed, max_relays):
+        best = best_baseline(results)
+        print(f"  {trace.name}: {trace.description}; {len(trace.sessions)} calls, "
+              f"{trace.length} s; best baseline {best.policy}")
+        print(f"    {'policy':<11}{'SLO-viol s':>11}{'replica-s':>10}{'cut':>6}{'recover s':>10}"
+              f"{'peak':>5}{'restarts':>9}{'viol x':>8}{'repl x':>8}")
+        for r in results:
+            vr = ratio(r.slo_violation_seconds, best.slo_violation_seconds)
+            rr = ratio(r.replica_seconds, best.replica_seconds)
+            print(f"    {r.policy:<11}{r.slo_violation_seconds:>11}{r.replica_seconds:>10}"
+                  f"{r.allocations_cut:>6}{r.recover_seconds:>10}{r.peak_relays:>5}"
+                  f"{r.restarts:>9}{vr:>8.2f}{rr:>8.2f}")
+            if r.policy == "ours":
+                worst_violation = max(worst_violation, vr)
+                worst_replica = max(worst_replica, rr)
+                our_cut += r.allocations_cut
+            else:
+                baselines_cut = baselines_cut and r.allocations_cut > 0
+    print(f"  ({time.perf_counter() - started:.0f} s so far)")
+
+    live_ok = True
+    if not args.no_live:
+        print(f"\n3. one short trace for real: LocalPool at {args.cpus:g} CPU per relay, our "
+              "policy every 1 s, scale-down window 4 s")
+        result = run(live(args.cpus, knee.calls, slo_calls, args.quick))
+        assert isinstance(result, LiveResult)
+        print(f"  base load, 1 relay:        {fmt_window(result.base)}")
+        print(f"  storm, before scale-out:   {fmt_window(result.before)}")
+        print(f"  after scale-out:           {fmt_window(result.after)}")
+        print(f"  peak relays {result.peak_relays}, ICE restarts {result.restarts}, failed "
+              f"allocations {result.failed}, allocations cut at scale-in: {result.cut}")
+        for line in result.events:
+            print(f"    {line}")
+        live_ok = result.cut == 0
+        our_cut += result.cut
+    left = leftovers()
+    print(f"cleanup: {len(LEFTOVERS['pids'])} relay processes and "
+          f"{len(LEFTOVERS['cgroups'])} cgroups started, "
+          + (f"LEFT OVER: {', '.join(left)}" if left else "none left"))
+    elapsed = time.perf_counter() - started
+    print(f"\ntotal {elapsed:.0f} s; figure = worst ratio of ours to the best baseline over "
+          "the traces")
+    ok = (our_cut == 0 and baselines_cut and live_ok and not left
+          and worst_violation <= GOAL_VIOLATION_RATIO and worst_replica <= GOAL_REPLICA_RATIO)
+    print(f"autoscale: SLO-violation x{worst_violation:.2f}, replica-seconds "
+          f"x{worst_replica:.2f}, {our_cut} cut (goal <= x{GOAL_VIOLATION_RATIO:g} at <= "
+          f"x{GOAL_REPLICA_RATIO:g}, 0 cut, baselines cut) {'ok' if ok else 'short'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The trace-replay simulator: deterministic, overload hurts, drain cuts nothing."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+
+from turnstorm.policy import Autoscaler, StormOptions
+from turnstorm.simulate import (
+    SESSION_RELAYED_PPS,
+    PolicySetup,
+    RelayModel,
+    Session,
+    SimConfig,
+    Trace,
+    flash_crowd,
+    pool_p99,
+    reconnect_storm,
+    simulate,
+)
+from turnstorm.spec import ScalingBehavior, ScalingPolicy
+
+MODEL = RelayModel.fit(capacity_pps=25_000, cpu_per_packet=12.5e-6, cpu_limit=0.25,
+                       base_p99_ms=8.0, knee_pps=19_000, knee_p99_ms=70.0, max_p99_ms=900.0)
+
+
+def policy(target: float, down_window: int = 300) -> ScalingPolicy:
+    return ScalingPolicy(enabled=True, tolerance=0.1, targets={"allocationsPerRelay": target},
+                         scale_up=ScalingBehavior(0, 100, 4, 15),
+                         scale_down=ScalingBehavior(down_window, 100, 0, 15),
+                         drain_deadline_seconds=900)
+
+
+def setup(drain: bool, target: float = 180, down_window: int = 300) -> PolicySetup:
+    return PolicySetup("p", lambda: Autoscaler(policy(target, down_window), 1, 12,
+                                               StormOptions(enabled=drain)),
+                       interval=5, drain=drain)
+
+
+def test_same_seed_same_result() -> None:
+    a = reconnect_storm(3, length=400)
+    b = reconnect_storm(3, length=400)
+    assert a.sessions == b.sessions
+    assert reconnect_storm(4, length=400).sessions != a.sessions
+    ra, rb = simulate(a, MODEL, setup(True)), simulate(b, MODEL, setup(True))
+    assert asdict(ra) == asdict(rb)
+    assert flash_crowd(3, length=400).sessions == flash_crowd(3, length=400).sessions
+
+
+def test_model_anchored_to_calibration() -> None:
+    knee = 19_000
+    assert MODEL.p99_ms(knee) == pytest.approx(70.0)
+    assert MODEL.p99_ms(100) == pytest.approx(8.0, abs=0.2)
+    assert MODEL.loss(knee) < 1e-6
+    assert MODEL.loss(2 * MODEL.capacity_pps) == pytest.approx(0.5, abs=1e-3)
+    assert MODEL.cpu_percent(knee) == pytest.approx(95.0)
+    assert MODEL.cpu_percent(10 * knee) == 100.0
+    assert 190 <= MODEL.slo_sessions() <= 240
+
+
+def test_more_load_than_capacity_loses_packets_and_raises_rtt() -> None:
+    loads = [0.2, 0.6, 0.9, 1.0, 1.3, 2.0]
+    losses = [MODEL.loss(r * MODEL.capacity_pps) for r in loads]
+    rtts = [MODEL.p99_ms(r * MODEL.capacity_pps) for r in loads]
+    assert losses == sorted(losses) and rtts == sorted(rtts)
+    assert losses[-2] > 0.2 and rtts[-1] > 150
+
+    def run(calls: int) -> tuple[int, float, float]:
+        # One relay, the policy pinned to it (min = max = 1).
+        trace = Trace("steady", [Session(0, 100) for _ in range(calls)], 60, 0)
+        fixed = PolicySetup("fixed", lambda: Autoscaler(policy(1e9), 1, 1,
+                                                        StormOptions(enabled=False)))
+        result = simulate(trace, MODEL, fixed, SimConfig(initial=1, min_replicas=1,
+                                                         max_replicas=1))
+        second = result.seconds[10]
+        return result.slo_violation_seconds, second.loss, second.p99_ms
+
+    light, heavy = run(100), run(2 * round(MODEL.capacity_pps / SESSION_RELAYED_PPS))
+    assert light[0] == 0 and light[1] == 0 and light[2] < 150
+    assert heavy[0] == 60 and heavy[1] > 0.4 and heavy[2] > 150
+
+
+def test_pool_p99_is_packet_weighted() -> None:
+    assert pool_p99([(99.0, 10.0), (1.0, 500.0)]) == 10.0
+    assert pool_p99([(98.0, 10.0), (2.0, 500.0)]) == 500.0
+    assert pool_p99([]) == 0.0
+
+
+def scale_in_trace() -> Trace:
+    """Load for 4 relays, then most calls end while long calls stay on every relay."""
+    sessions = [Session(0, 60) for _ in range(600)] + [Session(0, 500) for _ in range(80)]
+    return Trace("scale-in", sessions, 600, 0)
+
+
+def test_deleting_relays_cuts_sessions_and_draining_cuts_none() -> None:
+    config = SimConfig(initial=4, startup=15)
+    deleted = simulate(scale_in_trace(), MODEL, setup(False, down_window=60), config)
+    drained = simulate(scale_in_trace(), MODEL, setup(True, down_window=60), config)
+    assert deleted.allocations_cut > 0
+    assert drained.allocations_cut == 0
+    assert any("drain" in e for e in drained.events)
+    # Draining relays keep running until their last call ends: more replica-seconds.
+    assert drained.replica_seconds >= deleted.replica_seconds
+    assert drained.seconds[-1].relays < 4
+
+
+def test_drain_deadline_cuts_what_is_left() -> None:
+    short = ScalingPolicy(enabled=True, tolerance=0.1, targets={"allocationsPerRelay": 180},
+                          scale_up=ScalingBehavior(0, 100, 4, 15),
+                          scale_down=ScalingBehavior(60, 100, 0, 15), drain_deadline_seconds=30)
+    hurried = PolicySetup("deadline", lambda: Autoscaler(short, 1, 12, StormOptions()),
+                          interval=5, drain=True)
+    result = simulate(scale_in_trace(), MODEL, hurried, SimConfig(initial=4))
+    assert result.allocations_cut > 0
