@@ -101,49 +101,59 @@ def _run_probe(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
-        help="start a local coturn relay on loopback and probe it (no cluster needed)",
+        help="reproduce the CGNAT storm locally: a fixed relay pool, then the autoscaled one",
         description=(
-            "Start a real coturn relay on 127.0.0.1 with turnstorm's secure rendered "
-            "config and a fresh random shared secret, probe it over UDP and TCP through "
-            "a local echo peer, print the figures and stop everything. (The CGNAT storm "
-            "with autoscaling will run here too once the local storm mode lands.)"
+            "Run a scenario (one TurnPool and one LoadRun, the CRD schemas, in one YAML "
+            "file) on this machine, no cluster needed: CPU-capped coturn relays on "
+            "127.0.0.x with the rendered secure config, an echo peer, the relay signals, a "
+            "local Prometheus if installed, the autoscaler with the process actuator and "
+            "the Locust storm (headless). The storm runs twice with the same seed and "
+            "shape: against a fixed pool at spec.replicas.min, then against the autoscaled "
+            "pool. Live progress goes to stderr; the comparison table to stdout; "
+            "report.json, timeseries.csv and PNG plots to --out. Needs root (relay cgroups) "
+            "and coturn. Ctrl-C stops every child process."
         ),
+        epilog="example: sudo turnstorm run scenarios/default.yaml --out turnstorm-out",
     )
-    p.add_argument("--samples", type=int, default=20,
-                   help="round trips per measurement (default 20)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("scenario", nargs="?", metavar="SCENARIO.yaml",
+                   help="scenario file (default: scenarios/default.yaml of the source tree, "
+                        "sized for a 2-core machine, about 3 minutes)")
+    p.add_argument("--out", default="turnstorm-out", metavar="DIR",
+                   help="directory for report.json, timeseries.csv and the PNG plots "
+                        "(default ./turnstorm-out)")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="bound each phase to this many seconds (default: the LoadRun's "
+                        "spec.durationSeconds)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the simulated subscribers; both phases use it (default 1)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="spread the users over N local Locust worker processes (default 0: "
+                        "all in the one generator process; the CGNAT emulation needs 0)")
+    p.add_argument("--web", type=int, nargs="?", const=8089, metavar="PORT",
+                   help="serve the Locust web UI with the Media tab on 127.0.0.1:PORT "
+                        "(default 8089) during each phase")
+    p.add_argument("--time-scale", type=float, metavar="FACTOR",
+                   help="run the autoscaler's clock FACTOR times faster than the wall "
+                        "clock, so the TurnPool's periods, windows and drain deadline fit a "
+                        "demo (default: the TurnPool annotation turnstorm.io/time-scale, "
+                        "else 10)")
+    p.add_argument("--phase", choices=("both", "fixed", "autoscaled"), default="both",
+                   help="run both phases (default) or one of them")
+    p.add_argument("--no-prometheus", action="store_true",
+                   help="do not start a local Prometheus even if one is installed")
+    p.add_argument("--plain", action="store_true",
+                   help="plain progress lines even on a terminal")
     p.set_defaults(func=_run_local)
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    import secrets
+    from turnstorm.localmode.run import Options, default_scenario, run
 
-    from turnstorm.localrelay import LocalRelay, loopback_relay_config
-    from turnstorm.probe import probe
-    from turnstorm.proto.credentials import Credentials
-    from turnstorm.uri import ServerUri
-
-    secret = secrets.token_urlsafe(24)
-    relay = LocalRelay(loopback_relay_config(), secret)
-    print(f"starting coturn on 127.0.0.1:{relay.port} ...", file=sys.stderr)
-    results = {}
-    with relay:
-        for transport in ("udp", "tcp"):
-            uri = ServerUri("turn", relay.host, relay.port, transport)
-            credentials = Credentials.ephemeral(secret, "turnstorm-run", time.time())
-            print(f"probing {uri} ...", file=sys.stderr)
-            result = _asyncio_run(probe(uri, credentials, samples=args.samples))
-            results[transport] = result.as_dict()
-    if args.json:
-        print(json.dumps(results, sort_keys=True))
-        return 0
-    print(f"{'metric':<22}{'udp':>12}{'tcp':>12}")
-    for key, label in (("binding_rtt_ms", "binding rtt (ms)"), ("allocate_ms", "allocate (ms)"),
-                       ("relay_rtt_ms", "relayed rtt (ms)"),
-                       ("relay_overhead_ms", "relay overhead (ms)")):
-        print(f"{label:<22}{results['udp'][key]:>12.3f}{results['tcp'][key]:>12.3f}")
-    print("relay stopped; allocations released")
-    return 0
+    phases = ("fixed", "autoscaled") if args.phase == "both" else (args.phase,)
+    return run(Options(scenario=args.scenario or default_scenario(), out=args.out,
+                       duration=args.duration, seed=args.seed, workers=args.workers,
+                       web=args.web, time_scale=args.time_scale,
+                       prometheus=not args.no_prometheus, plain=args.plain, phases=phases))
 
 
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -219,6 +229,9 @@ def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                    help="liveness endpoint URL (default http://0.0.0.0:8080/healthz)")
     p.add_argument("--exporter-image", help="image of the relay exporter sidecar")
+    p.add_argument("--metrics-port", type=int, default=9642,
+                   help="serve the operator's Prometheus metrics on this port (0: off; "
+                        "default 9642)")
     p.set_defaults(func=_run_operator)
 
 
@@ -226,7 +239,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     from turnstorm.operator.main import run
 
     run(namespace=args.namespace, liveness=args.liveness, kubeconfig=args.kubeconfig,
-        exporter_image=args.exporter_image)
+        exporter_image=args.exporter_image, metrics_port=args.metrics_port or None)
     return 0
 
 
