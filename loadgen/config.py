@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from turnstorm.errors import TurnstormError
+from turnstorm.probe import load_secret as read_secret
 from turnstorm.proto.stun import Address
 from turnstorm.proto.transaction import RetransmitPolicy
 from turnstorm.uri import ServerUri, check_target, parse_uri
@@ -131,16 +132,6 @@ class LoadgenConfig:
         return 1 / self.frame_interval
 
 
-def read_secret(path: str) -> str:
-    """A shared secret file: one line, surrounding whitespace ignored."""
-    try:
-        with open(path, encoding="utf8") as handle:
-            secret = handle.read().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-    if not secret:
-        raise ConfigError(f"secret file {path} is empty")
-    return secret
 
 
 def parse_peer(text: str) -> Address:

@@ -24,9 +24,9 @@ from turnstorm.loadgen.config import (
     SessionLength,
     parse_peer,
     parse_targets,
-    read_secret,
 )
 from turnstorm.loadgen.metrics import MediaStats, total
+from turnstorm.probe import load_secret as read_secret
 from turnstorm.proto.stun import Address
 from turnstorm.uri import check_target
 

@@ -24,8 +24,9 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from turnstorm.errors import TurnstormError, Unauthorized, error_for
+from turnstorm.errors import TurnstormError, error_for
 from turnstorm.proto import stun
+from turnstorm.proto.auth import LongTermAuth
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address, Class, Message, Method
 from turnstorm.proto.transaction import ClientTransaction, RetransmitPolicy
@@ -76,7 +77,6 @@ class UdpClient:
         policy: RetransmitPolicy | None = None,
     ) -> None:
         self.server = server
-        self.credentials = credentials
         self.policy = policy or RetransmitPolicy()
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         self.sock: Any = _socket.socket(family, socket.SOCK_DGRAM)
@@ -89,9 +89,7 @@ class UdpClient:
             self.sock.close()
             raise WireError(f"cannot open UDP {_fmt(local or ('*', 0))} -> {_fmt(server)}: "
                             f"{exc.strerror or exc}") from None
-        self.realm: str | None = None
-        self.nonce: bytes | None = None
-        self.key: bytes | None = None
+        self.auth = LongTermAuth(credentials)
         self.allocation: Allocation | None = None
         self.channels: dict[int, Address] = {}
         self.on_channel_data: ChannelHandler | None = None
@@ -221,45 +219,13 @@ class UdpClient:
         The RTT returned is the one of the final (successful) transaction.
         """
         method = METHOD_NAMES.get(Method(request.method), "request")
-        challenged = stale = False
+        attempt = self.auth.attempt(method)
         while True:
-            key = self._authenticate(request)
+            key = self.auth.sign(request)
             response, rtt = self.transact(request, request.encode(key, fingerprint=True))
             if response.message_class != Class.ERROR:
                 return response, rtt
-            code, reason = response.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
-            if code in (401, 438) and "NONCE" in response.attributes:
-                if code == 401 and (challenged or key is not None):
-                    raise Unauthorized(method, code, reason.strip())
-                if code == 438 and stale:
-                    raise error_for(method, code, reason)
-                challenged = challenged or code == 401
-                stale = stale or code == 438
-                self._learn_nonce(response)
-                request = Message(request.method, Class.REQUEST, attributes={
-                    k: v for k, v in request.attributes.items()
-                    if k not in ("USERNAME", "REALM", "NONCE")
-                })
-                continue
-            raise error_for(method, code, reason)
-
-    def _authenticate(self, request: Message) -> bytes | None:
-        if self.key is None or self.credentials is None:
-            return None
-        request.attributes["USERNAME"] = self.credentials.username
-        request.attributes["REALM"] = self.realm
-        request.attributes["NONCE"] = self.nonce
-        return self.key
-
-    def _learn_nonce(self, response: Message) -> None:
-        if self.credentials is None:
-            raise TurnstormError("the server requires credentials and none were given")
-        self.nonce = response.attributes["NONCE"]
-        realm = response.attributes.get("REALM", self.realm)
-        if realm is None:
-            raise TurnstormError("the server's 401 response has no REALM")
-        self.realm = realm
-        self.key = self.credentials.key(realm)
+            request = attempt.retry(request, response, signed=key is not None)
 
     # -- TURN operations --------------------------------------------------------------------
 

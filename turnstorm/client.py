@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from turnstorm.errors import StunErrorResponse, TurnstormError, Unauthorized, error_for
+from turnstorm.errors import StunErrorResponse, TurnstormError, error_for
 from turnstorm.proto import stun
+from turnstorm.proto.auth import LongTermAuth
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address, Class, Message, Method
 from turnstorm.proto.transaction import ClientTransaction, RetransmitPolicy, TransactionTimeout
@@ -275,10 +276,7 @@ class TurnClient(StunClient):
 
     def __init__(self, server: Address, transport: str, policy: RetransmitPolicy | None) -> None:
         super().__init__(server, transport, policy)
-        self.credentials: Credentials | None = None
-        self.realm: str | None = None
-        self.nonce: bytes | None = None
-        self.key: bytes | None = None
+        self.auth = LongTermAuth(None)
         self.allocation: Allocation | None = None
         self.channels: dict[int, Address] = {}
         self.peer_channels: dict[Address, int] = {}
@@ -298,53 +296,21 @@ class TurnClient(StunClient):
         self: TurnClient = await super().connect(
             server, transport, local=local, policy=policy, timeout=timeout
         )
-        self.credentials = credentials
+        self.auth.credentials = credentials
         return self
 
     # -- authenticated requests -------------------------------------------------------------
 
-    def _authenticate(self, request: Message) -> bytes | None:
-        if self.key is None or self.credentials is None:
-            return None
-        request.attributes["USERNAME"] = self.credentials.username
-        request.attributes["REALM"] = self.realm
-        request.attributes["NONCE"] = self.nonce
-        return self.key
-
     async def auth_request(self, request: Message) -> Message:
         """Send ``request`` with long-term credentials, learning REALM/NONCE as needed."""
         method = METHOD_NAMES.get(Method(request.method), "request")
-        challenged = stale = False
+        attempt = self.auth.attempt(method)
         while True:
-            key = self._authenticate(request)
+            key = self.auth.sign(request)
             response = await self.transact(request, request.encode(key, fingerprint=True))
             if response.message_class != Class.ERROR:
                 return response
-            code, reason = response.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
-            if code in (401, 438) and "NONCE" in response.attributes:
-                if code == 401 and (challenged or key is not None):
-                    raise Unauthorized(method, code, reason.strip())
-                if code == 438 and stale:
-                    raise error_for(method, code, reason)
-                challenged = challenged or code == 401
-                stale = stale or code == 438
-                self._learn_nonce(response)
-                request = Message(request.method, Class.REQUEST, attributes={
-                    k: v for k, v in request.attributes.items()
-                    if k not in ("USERNAME", "REALM", "NONCE")
-                })
-                continue
-            raise error_for(method, code, reason)
-
-    def _learn_nonce(self, response: Message) -> None:
-        if self.credentials is None:
-            raise TurnstormError("the server requires credentials and none were given")
-        self.nonce = response.attributes["NONCE"]
-        realm = response.attributes.get("REALM", self.realm)
-        if realm is None:
-            raise TurnstormError("the server's 401 response has no REALM")
-        self.realm = realm
-        self.key = self.credentials.key(realm)
+            request = attempt.retry(request, response, signed=key is not None)
 
     # -- TURN operations --------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ async def test_allocate_authenticates_and_relays_in_port_range(
         allocation = await client.allocate()
         assert error_codes(responses) == [401, None]
         assert responses[0].attributes["REALM"] == "turnstorm.local"
-        assert client.nonce == responses[0].attributes["NONCE"]
+        assert client.auth.nonce == responses[0].attributes["NONCE"]
         host, port = allocation.relayed
         assert host == "127.0.0.1"
         assert relay.config.min_port <= port <= relay.config.max_port
@@ -228,9 +228,9 @@ async def test_release_frees_the_allocation_udp(relay: LocalRelay) -> None:
                 return True
             return False
 
-        nonce = client.nonce
+        nonce = client.auth.nonce
         assert await wait_until(gone, 3.0) < 2.5
-        assert client.nonce != nonce
+        assert client.auth.nonce != nonce
         with pytest.raises(AllocationMismatch) as caught:
             await client.refresh(600)
         assert str(caught.value) == f"Refresh failed: 437 Invalid allocation {MISMATCH}"
@@ -271,17 +271,17 @@ async def test_stale_nonce_is_renewed_transparently(
     relay = relays(stale_nonce=1)
     async with turn_client(relay, transport) as client:
         await client.allocate()
-        first_nonce = client.nonce
+        first_nonce = client.auth.nonce
         responses = record_responses(client)
 
         async def renewed() -> bool:
             await client.create_permission(("127.0.0.1", 9))
-            return client.nonce != first_nonce
+            return client.auth.nonce != first_nonce
 
         # coturn ticks its clock once a second and wants it past expiry: at most ~3 s.
         await wait_until(renewed, 4.0, interval=0.25)
         assert error_codes(responses)[-2:] == [438, None]
-        assert responses[-2].attributes["NONCE"] == client.nonce
+        assert responses[-2].attributes["NONCE"] == client.auth.nonce
         assert await client.refresh(600) == 600
 
 
