@@ -30,6 +30,8 @@ from turnstorm.spec import GROUP, VERSION, SpecError, TurnPoolSpec, turnpool_fro
 TIMER_SECONDS = float(os.environ.get("TURNSTORM_TIMER_SECONDS", "5"))
 """How often each pool's timer wakes; the policy runs every spec.metrics.intervalSeconds."""
 
+SCALE_ACTIONS = ("ScaleUp", "ScaleDown", "Drain", "Undrain", "Remove", "Delete")
+
 _state: dict[str, Any] = {}
 
 
@@ -42,6 +44,20 @@ def kube() -> Kube:
 
 def exporter_image() -> str:
     return os.environ.get("TURNSTORM_EXPORTER_IMAGE", DEFAULT_EXPORTER_IMAGE)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The official client's login (in-cluster, else the kubeconfig with every auth
+    plugin), with $KUBECONFIG read now: the client library reads it once, when it is
+    first imported, which may be before the variable was set."""
+    import kubernetes
+
+    path = os.environ.get("KUBECONFIG")
+    if path:
+        kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
+    info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+    return info
 
 
 @kopf.on.startup()
@@ -124,6 +140,8 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
     metrics.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
     for signal, ratio in outcome.decision.ratios.items():
         metrics.SATURATION.labels(*labels, signal).set(ratio)
+    for action in SCALE_ACTIONS:  # zero series first, so increase() sees the first event
+        metrics.SCALE_EVENTS.labels(*labels, action)
     for relay, rtt in outcome.probes.items():
         metrics.PROBE_RTT.labels(*labels, relay).set(float("nan") if rtt is None else rtt / 1000)
     for kind, reason, message in outcome.events:

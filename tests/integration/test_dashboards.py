@@ -42,7 +42,6 @@ NAMESPACE, POOL = "turnstorm-test", "local"
 PENDING: dict[str, str] = {}
 # Series a short healthy run cannot produce (nothing to scale, nothing fails).
 QUIET = {
-    "turnstorm_operator_scale_events_total": "no scaling action in a short steady run",
     "turnstorm_operator_reconcile_errors_total": "no handler raised",
     "turnstorm_operator_retries_total": "the auth Secret exists: no retry",
 }
@@ -233,11 +232,12 @@ spec:
 
 
 @contextlib.contextmanager
-def operator_run(exporter_port: int) -> Iterator[int | None]:
+def operator_run(exporter_port: int) -> Iterator[tuple[int, ControlPlane] | None]:
     """The operator (`turnstorm operator --metrics-port`) on a real test apiserver, owning
     one TurnPool whose only relay pod (an API object: no kubelet here) points at the real
-    local exporter, so the operator's policy reads real signals. Yields the metrics port,
-    or None when the control-plane binaries are not built (k8s tier not set up)."""
+    local exporter, so the operator's policy reads real signals. Yields the metrics port and
+    the control plane, or None when the control-plane binaries are not built (k8s tier not
+    set up)."""
     bin_dir = cached_bin_dir()
     if not all((bin_dir / n).exists() for n in ("kube-apiserver", "etcd", "kubectl")):
         require(not IN_CI, "control-plane binaries missing (scripts/build-control-plane.sh)")
@@ -258,13 +258,16 @@ def operator_run(exporter_port: int) -> Iterator[int | None]:
         plane.kubectl("apply", "-f", "-", input_text=OPERATOR_POOL.replace(
             "EXPORTER_PORT", str(exporter_port)))
         port = free_port()
+        # kopf logs every handler run: a log file, not an undrained pipe that would block
+        # the operator once full.
+        log = plane.workdir / "operator.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "turnstorm", "operator", "--kubeconfig",
              str(plane.kubeconfig), "--namespace", NAMESPACE, "--metrics-port", str(port),
              "--liveness", f"http://127.0.0.1:{free_port()}/healthz"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
         try:
-            yield port
+            yield port, plane
         finally:
             stop_process(process)
 
@@ -285,7 +288,8 @@ def prometheus(turnserver_bin: str, tmp_path_factory: pytest.TempPathFactory
     stop = threading.Event()
     exporter_port, storm_port, prom_port = free_port(), free_port(), free_port()
     with LocalRelay(config, secrets.token_urlsafe(24)) as relay, \
-            operator_run(exporter_port) as operator_port:
+            operator_run(exporter_port) as operator:
+        operator_port = operator[0] if operator else None
         try:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "turnstorm", "exporter", "--cli",
@@ -344,7 +348,28 @@ def prometheus(turnserver_bin: str, tmp_path_factory: pytest.TempPathFactory
                     healthy = True
                     break
             assert healthy, "Prometheus did not scrape the exporter and the storm"
-            when = time.time() - 1
+            if operator_port:
+                # A scaling action for the annotation and "scaling actions" panels: one relay
+                # holds 3 allocations; a target of 1 per relay makes the operator scale up.
+                assert operator is not None
+                operator[1].kubectl("patch", "turnpool", POOL, "-n", NAMESPACE,
+                                       "--type=merge", "-p", json.dumps({"spec": {"scaling": {
+                                           "targets": {"allocationsPerRelay": 1}}}}))
+                scaled_at = None
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and scaled_at is None:
+                    time.sleep(0.5)
+                    at = time.time()
+                    answer = get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({
+                        "query": "increase(turnstorm_operator_scale_events_total[5s]) > 0",
+                        "time": f"{at:.3f}"}))
+                    scaled_at = at if answer["data"]["result"] else None
+                assert scaled_at, ("the operator did not scale the pool after the target "
+                                   "change: " + (operator[1].workdir / "operator.log")
+                                   .read_text(errors="replace")[-3000:])
+                when = scaled_at
+            else:
+                when = time.time() - 1
             yield url, when, target, bool(operator_port)
         finally:
             stop.set()
