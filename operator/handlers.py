@@ -174,6 +174,10 @@ def track(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None
     outcome.events = [e for e in outcome.events if e.type == "Warning"
                       and e.reason != "SecretMissing"]
     outcome.retry_after = None
+    # Only the change handler records which generation it handled: this timer's body may
+    # be older than a change handled meanwhile, and writing its generation back would
+    # regress observedGeneration (after which the timer would wait forever).
+    outcome.status.pop("observedGeneration", None)
     _apply_outcome(outcome, body, patch)
 
 
