@@ -198,13 +198,20 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
             wait_for(lambda: (get(control_plane, "deployment", "live", namespace) or {})
                      .get("spec", {}).get("replicas") == 2, timeout=30,
                      what="Deployment down to 2 after the drain")
-            status = pool_status(control_plane, "live", namespace)
-            assert status["desiredReplicas"] == 2
-            assert status["drainingRelays"] == []
-            events = json.loads(control_plane.kubectl(
-                "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-            reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "live"]
-            assert {"ScaleUp", "Drain", "Remove"} <= set(reasons)
+            # kopf writes the status patch after the handler that lowered the replicas.
+            wait_for(lambda: (s := pool_status(control_plane, "live", namespace))
+                     .get("desiredReplicas") == 2 and s.get("drainingRelays") == [],
+                     timeout=10, what=lambda: f"status after the removal: "
+                     f"{pool_status(control_plane, 'live', namespace)}")
+            def pool_events() -> list[dict[str, Any]]:
+                items: list[dict[str, Any]] = json.loads(control_plane.kubectl(
+                    "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+                return [e for e in items if e["involvedObject"]["name"] == "live"]
+
+            # kopf posts events in the background, after the handler returns.
+            events = wait_for(lambda: (found := pool_events()) and {
+                "ScaleUp", "Drain", "Remove"} <= {e["reason"] for e in found} and found,
+                timeout=10, what="ScaleUp, Drain and Remove events")
             removed = [e["message"] for e in events if e["reason"] == "Remove"]
             assert removed == [f"relay {pods[1]} removed: no allocations left"]
             meta = (get(control_plane, "pod", pods[1], namespace) or {}).get("metadata", {})

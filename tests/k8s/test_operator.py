@@ -115,10 +115,11 @@ def test_pool_yields_owned_objects_and_status(control_plane: ControlPlane, opera
     ready = next(c for c in status if c["type"] == "Ready")
     # No kubelet runs the relays here, so none becomes ready.
     assert (ready["status"], ready["reason"]) == ("False", "RelaysStarting")
-    events = control_plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    reasons = {e["reason"] for e in json.loads(events)["items"]
-               if e["involvedObject"]["name"] == "alpha"}
-    assert "Applied" in reasons
+    # kopf posts events in the background, after the handler returns.
+    events = wait_for(lambda: (out := control_plane.kubectl(
+        "get", "events", "-n", namespace, "-o", "json").stdout) and "Applied" in {
+        e["reason"] for e in json.loads(out)["items"]
+        if e["involvedObject"]["name"] == "alpha"} and out, what="the Applied event")
     assert "not-a-real-secret" not in events
 
 
@@ -193,10 +194,11 @@ def test_missing_secret_sets_ready_false_and_recovers(control_plane: ControlPlan
     cond = wait_for(not_ready, what="Ready=False SecretMissing")
     assert cond["status"] == "False"
     assert cond["message"].startswith("auth Secret 'eps-auth' does not exist; create it with")
-    events = json.loads(control_plane.kubectl("get", "events", "-n", namespace, "-o",
-                                              "json").stdout)["items"]
-    warnings = [e for e in events if e["reason"] == "SecretMissing"]
-    assert warnings and warnings[0]["type"] == "Warning"
+    warnings = wait_for(lambda: [
+        e for e in json.loads(control_plane.kubectl("get", "events", "-n", namespace, "-o",
+                                                    "json").stdout)["items"]
+        if e["reason"] == "SecretMissing"], what="the SecretMissing event")
+    assert warnings[0]["type"] == "Warning"
     assert get(control_plane, "deployment", "eps", namespace) is None
 
     create_secret(control_plane, "eps-auth", namespace)
