@@ -55,8 +55,11 @@ async def test_exporter_matches_the_servers_view_under_load(
     users = [unique_user("exp") for _ in range(4)]
     clients: list[TurnClient] = []
     try:
+        # One REST credential per user: its username carries the expiry second, and coturn's
+        # `pu` counts "expiry:user" names, so minting one per allocation could split a user.
+        user_creds = [credentials(relay, user) for user in users]
         for index in range(20):  # 5 allocations for each of 4 users
-            creds = credentials(relay, users[index % 4])
+            creds = user_creds[index % 4]
             client = await TurnClient.connect((relay.host, relay.port), "udp",
                                               credentials=creds)
             clients.append(client)
