@@ -49,10 +49,11 @@ class MediaFlow:
     sent: int = 0
     send_errors: int = 0
     """Frames the kernel refused (a full send buffer: generator-induced loss)."""
-    padding: bytes = field(init=False, default=b"")
+    frame: bytearray = field(init=False, default_factory=bytearray)
+    """The datagram, rewritten in place for each frame (ChannelData header + payload)."""
 
     def __post_init__(self) -> None:
-        self.padding = bytes(self.frame_bytes - MEDIA_HEADER.size)
+        self.frame = bytearray(4 + self.frame_bytes)
 
 
 class MediaPump:
@@ -112,7 +113,7 @@ class MediaPump:
         live = [flow for flow in batch if flow.fd >= 0]
         if not live:
             return
-        pack = CHANNEL_HEADER.pack
+        pack = CHANNEL_HEADER.pack_into
         lag: Histogram = self.state.send_lag
         record = lag.record_us
         write = os.write
@@ -121,9 +122,10 @@ class MediaPump:
         for flow in live:
             sent_at = clock()
             record(abs(sent_at - flow.next_due) * 1e6)
+            frame = flow.frame
+            pack(frame, 0, flow.channel, flow.frame_bytes, flow.sent, sent_at)
             try:
-                write(flow.fd, pack(flow.channel, flow.frame_bytes, flow.sent, sent_at)
-                      + flow.padding)
+                write(flow.fd, frame)
             except BlockingIOError:
                 flow.send_errors += 1
                 self.send_errors += 1
@@ -134,7 +136,12 @@ class MediaPump:
             if due < sent_at - MAX_CATCH_UP * flow.interval:
                 due = sent_at + flow.interval
             flow.next_due = due
-            wheel.setdefault(max(round(due / tick), slot + 1), []).append(flow)
+            key = max(round(due / tick), slot + 1)
+            later = wheel.get(key)
+            if later is None:
+                wheel[key] = [flow]
+            else:
+                later.append(flow)
         self.sent += len(live)
 
 
