@@ -88,6 +88,9 @@ class LoadgenConfig:
     crowd_size: int = 1000
     """Idle subscribers one ``IdleSubscribersUser`` holds (keepalives every
     ``binding_interval`` seconds)."""
+    crowd_transport: str = "auto"
+    """How the crowd's subscribers get their 5-tuples: ``sockets``, ``raw`` or ``auto``
+    (see :mod:`turnstorm.loadgen.keepalive`)."""
     flood_window: int = 0
     """Binding requests a flooding STUN user keeps in flight, sent in GSO batches and
     logged in bulk (0: one transaction at a time, one request event each)."""
@@ -120,6 +123,9 @@ class LoadgenConfig:
             raise ConfigError("--max-pps must be positive")
         if self.crowd_size < 1:
             raise ConfigError("--crowd-size must be at least 1")
+        if self.crowd_transport not in ("auto", "sockets", "raw"):
+            raise ConfigError(f"--crowd-transport must be auto, sockets or raw, not "
+                              f"{self.crowd_transport!r}")
         if self.flood_window < 0:
             raise ConfigError("--flood-window must be 0 or more")
         if not 0 <= self.no_backoff_fraction <= 1:

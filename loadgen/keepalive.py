@@ -1,13 +1,31 @@
 """Tens of thousands of idle subscribers in one process, each keeping its NAT binding alive.
 
-A :class:`KeepaliveCrowd` holds ``count`` UDP sockets (spread over several 127.x source
-addresses: one address has only ~28k ephemeral ports), each connected to the relay, and
-sends one Binding per subscriber per ``interval`` (phases spread evenly, so the relay sees
-a steady ``count / interval`` requests/s). No greenlet per subscriber: one scheduler
-greenlet sends what is due every ``TICK`` (one ``os.write`` per request on the socket's
-descriptor), and every socket has a libev read watcher whose callback reads the response
-in the hub itself (no greenlet switch). A request's transaction id carries the
-subscriber number and the round, so matching is an index lookup.
+A :class:`KeepaliveCrowd` sends one Binding per subscriber per ``interval`` (phases spread
+evenly, so the relay sees a steady ``count / interval`` requests/s) from ``count``
+distinct source 5-tuples. No greenlet per subscriber: one scheduler greenlet sends what is
+due every ``TICK``, and libev read watchers handle the responses in the hub itself (no
+greenlet switch). A request's transaction id carries the subscriber number and the round,
+so matching is an index lookup. Two transports:
+
+``sockets``
+    One UDP socket per subscriber (spread over 127.64.0.x source addresses: one address
+    has only ~28k ephemeral ports), each connected to the relay; one ``os.write`` per
+    request. Works unprivileged, against any relay, but needs one open file per
+    subscriber.
+``raw``
+    What a CGNAT gateway's public side looks like: subscriber ``i`` is port
+    ``RAW_PORT_BASE + i % RAW_PORTS`` of gateway address ``127.65.P.G`` (``P`` from the
+    process id, ``G`` per ``RAW_PORTS`` subscribers). Requests leave through one
+    ``IPPROTO_RAW`` socket with those source 5-tuples written into the IP/UDP headers;
+    responses are read by one raw UDP socket bound to each gateway address, and a
+    response counts only when it came back to the subscriber's own port. The open-file
+    limit no longer caps the crowd. Needs ``CAP_NET_RAW`` and an IPv4 loopback relay
+    (spoofed 127.x sources must never leave the host). The kernel would answer each
+    response with an ICMP port-unreachable to the relay; a table of our own
+    (``nft``, needs ``CAP_NET_ADMIN``) drops those while the crowd lives, and is removed
+    with it.
+
+``auto`` (the default) takes ``sockets`` when the open-file limit allows, else ``raw``.
 
 :class:`IdleSubscribersUser` is the Locust face: one user holds ``crowd_size``
 subscribers (``LoadgenConfig.crowd_size``) with keepalives every ``binding_interval``
@@ -18,11 +36,16 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import ipaddress
+import logging
 import os
 import resource
+import shutil
 import socket
 import struct
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +57,7 @@ from turnstorm.loadgen.metrics import EXACT_LIMIT, SUB_BUCKETS, Histogram
 from turnstorm.loadgen.users import _RelayUser
 from turnstorm.proto import stun
 
+logger = logging.getLogger(__name__)
 TICK = 0.01
 """Seconds between the scheduler's sends."""
 SOURCES_BASE = (127, 64, 0, 1)
@@ -44,6 +68,16 @@ _REQUEST = struct.Struct("!HHI4sII")
 """Binding request header: type, length, cookie, then the 12-byte transaction id as
 salt (4), round (4), subscriber (4)."""
 _SUCCESS = b"\x01\x01"
+RAW_PORT_BASE = 20000
+RAW_PORTS = 40000
+"""Subscribers per gateway address in the raw transport (ports 20000-59999)."""
+RAW_BUFFER = 16 * 1024 * 1024
+_RAW_HEADERS = struct.Struct("!BBHHHBBH4s4sHHHH")
+"""IPv4 header (20 bytes, no options) + UDP header (8 bytes)."""
+_RAW_SIZE = _RAW_HEADERS.size + _REQUEST.size
+_CAP_NET_RAW = 13
+_gateways_used = 0
+"""Gateway addresses this process handed out (raw transport): crowds never overlap."""
 
 
 @dataclass
@@ -74,13 +108,13 @@ def raise_fd_limit(needed: int) -> int:
 class KeepaliveCrowd:
     """``count`` idle subscribers keeping alive against ``server`` (see the module doc)."""
 
-    def __init__(self, server: tuple[str, int], count: int, interval: float) -> None:
+    def __init__(self, server: tuple[str, int], count: int, interval: float,
+                 transport: str = "auto") -> None:
         if count < 1 or interval <= 0:
             raise ValueError("a crowd needs count >= 1 and a positive interval")
-        limit = raise_fd_limit(count + 1024)
-        if limit < count + 64:
-            raise OSError(f"{count} subscribers need {count + 64} open files; the limit "
-                          f"is {limit}")
+        if transport not in ("auto", "sockets", "raw"):
+            raise ValueError(f"unknown keepalive transport {transport!r} "
+                             "(auto, sockets or raw)")
         self.server = server
         self.count = count
         self.interval = interval
@@ -96,21 +130,145 @@ class KeepaliveCrowd:
         self.pending_total = 0
         self.pending_low = 0
         self.pending_high = 0
-        loop = gevent.get_hub().loop
+        self.notes: list[str] = []
+        """What the transport could not do as asked (shown by the bench and the CLI)."""
+        self._nft_table: str | None = None
+        if transport == "auto":
+            limit = raise_fd_limit(count + 1024)
+            transport = "sockets" if limit >= count + 64 else "raw"
+            if transport == "raw" and (why := raw_unavailable(server)):
+                raise OSError(f"{count} subscribers need {count + 64} open files (the limit "
+                              f"is {limit}) or the raw transport, which {why}")
+        self.transport = transport
         try:
-            for index in range(count):
-                source = SOURCES_BASE[:3] + (SOURCES_BASE[3] + index // PORTS_PER_SOURCE,)
-                sock = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                self.socks.append(sock)
-                sock.setblocking(False)
-                sock.bind((".".join(map(str, source)), 0))
-                sock.connect(server)
-                watcher = loop.io(sock.fileno(), 1)
-                watcher.start(self._readable, index)
-                self.watchers.append(watcher)
+            if transport == "raw":
+                self._open_raw()
+            else:
+                self._open_sockets()
         except BaseException:
             self.close()
             raise
+
+    def _open_sockets(self) -> None:
+        count = self.count
+        limit = raise_fd_limit(count + 1024)
+        if limit < count + 64:
+            raise OSError(f"{count} subscribers need {count + 64} open files; the limit "
+                          f"is {limit}")
+        loop = gevent.get_hub().loop
+        for index in range(count):
+            source = SOURCES_BASE[:3] + (SOURCES_BASE[3] + index // PORTS_PER_SOURCE,)
+            sock = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.socks.append(sock)
+            sock.setblocking(False)
+            sock.bind((".".join(map(str, source)), 0))
+            sock.connect(self.server)
+            watcher = loop.io(sock.fileno(), 1)
+            watcher.start(self._readable, index)
+            self.watchers.append(watcher)
+        fds = [sock.fileno() for sock in self.socks]
+        write = os.write
+
+        def send(index: int, request: bytearray) -> None:
+            write(fds[index], request)
+
+        self._send: Callable[[int, bytearray], None] = send
+
+    def _open_raw(self) -> None:
+        global _gateways_used
+        if why := raw_unavailable(self.server):
+            raise OSError(f"the raw keepalive transport {why}")
+        gateways = -(-self.count // RAW_PORTS)
+        first = _gateways_used
+        _gateways_used += gateways
+        if _gateways_used > 254:
+            raise OSError("this process has handed out every raw gateway address "
+                          "(254 x 40000 subscribers)")
+        prefix = f"127.65.{os.getpid() % 250}"
+        self.gateways = [f"{prefix}.{first + g + 1}" for g in range(gateways)]
+        self._drop_port_unreachables(prefix)
+        sender = _socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.socks.append(sender)
+        sender.setblocking(False)
+        with contextlib.suppress(OSError):
+            sender.setsockopt(socket.SOL_SOCKET, 32, RAW_BUFFER)  # SO_SNDBUFFORCE
+        loop = gevent.get_hub().loop
+        for gateway in self.gateways:
+            receiver = _socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+            self.socks.append(receiver)
+            receiver.setblocking(False)
+            with contextlib.suppress(OSError):
+                receiver.setsockopt(socket.SOL_SOCKET, 33, RAW_BUFFER)  # SO_RCVBUFFORCE
+            receiver.bind((gateway, 0))
+            watcher = loop.io(receiver.fileno(), 1)
+            watcher.start(self._raw_readable, receiver, gateway)
+            self.watchers.append(watcher)
+        server_ip = socket.inet_aton(self.server[0])
+        server_port = self.server[1]
+        sources = [socket.inet_aton(gateway) for gateway in self.gateways]
+        packet = bytearray(_RAW_SIZE)
+        pack = _RAW_HEADERS.pack_into
+        sendto = sender.sendto
+        destination = (self.server[0], 0)
+
+        def send(index: int, request: bytearray) -> None:
+            # IPv4: version/IHL, TOS, length and checksum filled by the kernel, id 0 (the
+            # kernel picks one), TTL 64, UDP; UDP checksum 0 (none, allowed over IPv4)
+            pack(packet, 0, 0x45, 0, _RAW_SIZE, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                 sources[index // RAW_PORTS], server_ip,
+                 RAW_PORT_BASE + index % RAW_PORTS, server_port, 8 + _REQUEST.size, 0)
+            packet[_RAW_HEADERS.size:] = request
+            sendto(packet, destination)
+
+        self._send = send
+
+    def _drop_port_unreachables(self, prefix: str) -> None:
+        """No socket owns the gateway ports, so the kernel answers each response with an
+        ICMP port-unreachable to the relay: drop those in a table of our own."""
+        nft = shutil.which("nft")
+        table = f"turnstorm_crowd_{os.getpid()}"
+        rules = (f"table ip {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
+                 f"  ip saddr {prefix}.0/24 icmp type destination-unreachable drop\n }}\n}}\n")
+        if nft is None:
+            self.notes.append("nft not found: the relay receives the kernel's ICMP "
+                              "port-unreachables (rate-limited to 1000/s)")
+            return
+        done = subprocess.run([nft, "-f", "-"], input=rules, text=True, capture_output=True,
+                              check=False)
+        if done.returncode != 0:
+            self.notes.append(f"could not add the ICMP drop table ({done.stderr.strip()}): "
+                              "the relay receives the kernel's port-unreachables")
+            return
+        self._nft_table = table
+
+    def _raw_readable(self, receiver: Any, gateway: str) -> None:
+        """Responses to one gateway's subscribers (IP header first: raw sockets)."""
+        recv = receiver.recv
+        server_port = self.server[1]
+        gateway_base = self.gateways.index(gateway) * RAW_PORTS
+        while True:
+            try:
+                data = recv(2048)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.stats.errors += 1
+                return
+            now = time.perf_counter()
+            header = (data[0] & 0x0F) * 4
+            source_port, port = struct.unpack_from("!HH", data, header)
+            if source_port != server_port:
+                continue  # other UDP to this address (not from the relay)
+            stun_at = header + 8
+            if data[stun_at:stun_at + 2] != _SUCCESS or \
+                    data[stun_at + 8:stun_at + 12] != self.salt:
+                self.stats.errors += 1
+                continue
+            round_number, subscriber = struct.unpack_from("!II", data, stun_at + 12)
+            if subscriber != gateway_base + port - RAW_PORT_BASE:
+                self.stats.errors += 1  # answered to another subscriber's 5-tuple
+                continue
+            self._answered(subscriber, round_number, now)
 
     def _readable(self, index: int) -> None:
         sock = self.socks[index]
@@ -127,22 +285,27 @@ class KeepaliveCrowd:
                 self.stats.errors += 1
                 continue
             round_number, subscriber = struct.unpack_from("!II", data, 12)
-            if (subscriber != index or round_number != self.round[index]
-                    or not self.waiting[index]):
+            if subscriber != index:
                 self.stats.late += 1
                 continue
-            self.waiting[index] = 0
-            self.stats.answered += 1
-            us = round((now - self.sent_at[index]) * 1e6)
-            index_h = us if us < EXACT_LIMIT else (
-                (us.bit_length() - 11) * SUB_BUCKETS + (us >> (us.bit_length() - 11)))
-            pending = self.pending_rtts
-            if not pending:
-                self.pending_low = self.pending_high = us
-            pending[index_h] = pending.get(index_h, 0) + 1
-            self.pending_total += us
-            self.pending_low = min(self.pending_low, us)
-            self.pending_high = max(self.pending_high, us)
+            self._answered(index, round_number, now)
+
+    def _answered(self, index: int, round_number: int, now: float) -> None:
+        if round_number != self.round[index] or not self.waiting[index]:
+            self.stats.late += 1
+            return
+        self.waiting[index] = 0
+        self.stats.answered += 1
+        us = round((now - self.sent_at[index]) * 1e6)
+        index_h = us if us < EXACT_LIMIT else (
+            (us.bit_length() - 11) * SUB_BUCKETS + (us >> (us.bit_length() - 11)))
+        pending = self.pending_rtts
+        if not pending:
+            self.pending_low = self.pending_high = us
+        pending[index_h] = pending.get(index_h, 0) + 1
+        self.pending_total += us
+        self.pending_low = min(self.pending_low, us)
+        self.pending_high = max(self.pending_high, us)
 
     def take_rtts(self) -> tuple[dict[int, int], int, int, int]:
         """RTT buckets since the last call (index -> count), total, min, max (us)."""
@@ -161,8 +324,7 @@ class KeepaliveCrowd:
         next_flush = started + 0.1
         request = bytearray(20)
         pack = _REQUEST.pack_into
-        write = os.write
-        fds = [sock.fileno() for sock in self.socks]
+        send = self._send
         while True:
             now = time.perf_counter()
             if duration is not None and now - started >= duration:
@@ -178,7 +340,7 @@ class KeepaliveCrowd:
                     self.sent_at[index] = time.perf_counter()
                     self.waiting[index] = 1
                     try:
-                        write(fds[index], request)
+                        send(index, request)
                     except OSError:
                         self.stats.errors += 1
                 self.stats.sent += batch
@@ -203,6 +365,28 @@ class KeepaliveCrowd:
             sock.close()
         self.watchers.clear()
         self.socks.clear()
+        if self._nft_table is not None:
+            subprocess.run(["nft", "delete", "table", "ip", self._nft_table],
+                           capture_output=True, check=False)
+            self._nft_table = None
+
+
+def raw_unavailable(server: tuple[str, int]) -> str | None:
+    """Why the raw transport cannot serve ``server`` here (None when it can)."""
+    try:
+        address = ipaddress.ip_address(server[0])
+    except ValueError:
+        return f"needs the relay as an IPv4 address, not {server[0]!r}"
+    if address.version != 4 or not address.is_loopback:
+        return ("needs an IPv4 loopback relay (its spoofed 127.x sources must not leave "
+                "the host)")
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("CapEff:"):
+                if not int(line.split()[1], 16) >> _CAP_NET_RAW & 1:
+                    return "needs CAP_NET_RAW (run as root)"
+                break
+    return None
 
 
 class IdleSubscribersUser(_RelayUser):
@@ -212,7 +396,10 @@ class IdleSubscribersUser(_RelayUser):
     def on_start(self) -> None:
         config = self.state.config
         interval = config.binding_interval or DEFAULT_INTERVAL
-        self.crowd = KeepaliveCrowd(self.target.address, config.crowd_size, interval)
+        self.crowd = KeepaliveCrowd(self.target.address, config.crowd_size, interval,
+                                    config.crowd_transport)
+        for note in self.crowd.notes:
+            logger.warning("idle subscribers: %s", note)
 
     @task
     def hold(self) -> None:

@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default turn)")
     p.add_argument("--crowd-size", type=int, default=1000, metavar="N",
                    help="idle subscribers per user with --mix idle (default 1000)")
+    p.add_argument("--crowd-transport", choices=("auto", "sockets", "raw"), default="auto",
+                   help="idle subscribers' source 5-tuples: a socket each, or gateway ports "
+                        "written into raw packets (root and a loopback relay; not capped "
+                        "by the open-file limit); auto picks sockets while the limit allows "
+                        "(default auto)")
     p.add_argument("--shape", default="steady",
                    help="load shape: steady, ramp, reconnect-storm, flash-crowd, diurnal, "
                         "retransmit-amplification")
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             targets=targets, secret=secret, peer=peer,
             session_length=SessionLength.parse(args.session), max_pps=args.max_pps,
             binding_interval=args.binding_interval, flood_window=args.flood_window,
-            crowd_size=args.crowd_size)
+            crowd_size=args.crowd_size, crowd_transport=args.crowd_transport)
         result = _run_locust(args, config, shape_params, cgnat)
     finally:
         if echo is not None:

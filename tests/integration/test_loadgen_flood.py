@@ -46,3 +46,57 @@ def test_idle_subscribers_keep_alive(relay: LocalRelay) -> None:
     assert 600 * 3 <= row["count"] <= 600 * 6
     media = next(iter(result.state.media.values()))
     assert media.binding_rtt.count == row["count"]
+
+
+def _raw_allowed() -> None:
+    from tests.conftest import require
+    from turnstorm.loadgen.keepalive import raw_unavailable
+
+    why = raw_unavailable(("127.0.0.1", 3478))
+    require(why is None, f"the raw keepalive transport {why}")
+
+
+def test_idle_subscribers_on_the_raw_transport(relay: LocalRelay) -> None:
+    _raw_allowed()
+    result = run_locust(config(relay, crowd_size=300, binding_interval=0.5,
+                               crowd_transport="raw"),
+                        [IdleSubscribersUser], users=2, spawn_rate=10, duration=2.5)
+    row = transactions(result.environment)["STUN Keepalive"]
+    assert row["failures"] == 0
+    assert 600 * 3 <= row["count"] <= 600 * 6
+
+
+def test_raw_crowd_is_not_capped_by_the_open_file_limit(relay: LocalRelay) -> None:
+    """More subscribers than open files: ``auto`` takes the raw transport, every one is
+    answered at its own gateway port, and the ICMP drop table lives only with the crowd."""
+    import resource
+    import subprocess
+
+    import gevent
+
+    from turnstorm.loadgen.keepalive import KeepaliveCrowd
+
+    _raw_allowed()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    count = soft + 2000
+    crowd = KeepaliveCrowd((relay.host, relay.port), count, 3.0)
+    table = f"turnstorm_crowd_{os.getpid()}"
+    try:
+        assert crowd.transport == "raw"
+        assert crowd.notes == []
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                                check=True).stdout
+        assert table in tables
+        crowd.run(duration=3.3)
+        deadline = gevent.get_hub().loop.now() + 3
+        while crowd.outstanding() and gevent.get_hub().loop.now() < deadline:
+            gevent.sleep(0.1)
+        stats = crowd.stats
+        assert stats.errors == 0 and stats.unanswered == 0
+        assert crowd.outstanding() == 0
+        assert stats.answered == stats.sent >= count  # everyone, once a round at least
+    finally:
+        crowd.close()
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                            check=True).stdout
+    assert table not in tables
