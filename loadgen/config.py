@@ -24,6 +24,10 @@ DEFAULT_MAX_PPS = 20000.0
 """Packets per second per generator process unless the user asks for another bound."""
 
 
+CGNAT_KEY = "cgnat_gateways"
+"""Key of a worker's share of the emulated CGNAT gateways in the JSON config it reads."""
+
+
 class ConfigError(TurnstormError):
     """A load generator setting that cannot be used."""
 

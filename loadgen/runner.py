@@ -6,6 +6,7 @@ monkey-patches with gevent at import.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from locust.event import Events
 from locust.runners import STATE_STOPPED
 
 from turnstorm.errors import TurnstormError
-from turnstorm.loadgen.config import ConfigError, LoadgenConfig, config_to_dict
+from turnstorm.loadgen.config import CGNAT_KEY, ConfigError, LoadgenConfig, config_to_dict
 from turnstorm.loadgen.exporter import serve
 from turnstorm.loadgen.users import LoadgenState, install
 from turnstorm.loadgen.webui import install_media_tab
@@ -75,13 +76,15 @@ def run_locust(
     """
     if duration <= 0:
         raise ValueError("duration must be positive")
-    if workers and cgnat is not None:
-        raise ConfigError("the emulated CGNAT runs in one process: drop --workers or --cgnat")
+    if workers and cgnat is not None and len(cgnat.gateways) < workers:
+        raise ConfigError(f"--cgnat with --workers {workers} needs at least {workers} "
+                          f"gateways (each worker emulates its own); got "
+                          f"{len(cgnat.gateways)}")
     environment = Environment(user_classes=list(user_classes), shape_class=shape,
                               events=Events())  # type: ignore[no-untyped-call]
     state = install(environment, config)
     assert state is not None
-    state.cgnat = cgnat
+    state.cgnat = None if workers else cgnat
     servers = []
     if metrics_port is not None:
         servers.append(serve(environment, metrics_port, listen_host))
@@ -93,7 +96,7 @@ def run_locust(
             master_port = free_port()
             runner = environment.create_master_runner("127.0.0.1", master_port)
             processes = start_workers(config, user_classes, workers, master_port,
-                                      metrics_port, worker_dump_dir, listen_host)
+                                      metrics_port, worker_dump_dir, listen_host, cgnat)
             wait_for_workers(runner, processes, workers)
         else:
             runner = environment.create_local_runner()
@@ -136,15 +139,21 @@ def run_locust(
 
 def start_workers(config: LoadgenConfig, user_classes: Sequence[type[Any]], count: int,
                   master_port: int, metrics_port: int | None,
-                  dump_dir: str | None, listen_host: str = "127.0.0.1") -> list[Any]:
+                  dump_dir: str | None, listen_host: str = "127.0.0.1",
+                  cgnat: Any = None) -> list[Any]:
     """``count`` worker processes; the config (with the secret) goes through stdin. The
-    packet-rate bound is the whole run's: each worker gets ``max_pps / count``."""
+    packet-rate bound is the whole run's: each worker gets ``max_pps / count``. With an
+    emulated CGNAT, worker ``i`` emulates gateways ``i, i + count, ...`` (disjoint
+    addresses: a worker's subscribers never share another worker's NAT state)."""
     specs = ",".join(f"{cls.__module__}:{cls.__qualname__}" for cls in user_classes)
     data = config_to_dict(config)
     data["max_pps"] = config.max_pps / count
-    payload = json.dumps(data).encode()
     processes = []
     for index in range(count):
+        if cgnat is not None:
+            data[CGNAT_KEY] = [dataclasses.asdict(g.gateway)
+                               for g in cgnat.gateways[index::count]]
+        payload = json.dumps(data).encode()
         command = [sys.executable, "-m", "turnstorm.loadgen.worker",
                    "--master-port", str(master_port), "--users", specs,
                    "--prefix", f"{config.user_prefix}-w{index}-"]

@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one at a time)")
     p.add_argument("--cgnat", metavar="GATEWAYS:QUOTA:TIMEOUT",
                    help="put subscribers behind emulated CGNAT gateways on 127.100.0.x, "
-                        "e.g. 4:64:120")
+                        "e.g. 4:64:120 (with --workers, each worker emulates its share "
+                        "of the gateways)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on --listen-host:PORT while the storm runs "
                         "(with --workers, worker i serves PORT+1+i)")

@@ -25,7 +25,8 @@ import locust  # noqa: F401 - first: it monkey-patches the process with gevent
 from locust.env import Environment
 from locust.event import Events
 
-from turnstorm.loadgen.config import config_from_dict
+from turnstorm.loadgen.cgnat import Gateway, Population
+from turnstorm.loadgen.config import CGNAT_KEY, config_from_dict
 from turnstorm.loadgen.exporter import attach, serve
 from turnstorm.loadgen.users import FINAL_KEY, install
 
@@ -46,13 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dump", help="write this worker's cumulative report here when the "
                         "test stops")
     args = parser.parse_args(argv)
-    config = config_from_dict(json.loads(sys.stdin.read()))
+    data = json.loads(sys.stdin.read())
+    gateways = data.pop(CGNAT_KEY, None)
+    config = config_from_dict(data)
     if args.prefix:
         config.user_prefix = args.prefix
     classes = [load_class(spec) for spec in args.users.split(",")]
     environment = Environment(user_classes=classes, events=Events())  # type: ignore[no-untyped-call]
     state = install(environment, config)
     assert state is not None
+    if gateways:
+        state.cgnat = Population([Gateway(**gateway) for gateway in gateways])
     attach(environment)  # before the runner: it must see statistics before Locust resets them
     metrics = (serve(environment, args.metrics_port, args.metrics_host)
                if args.metrics_port else None)

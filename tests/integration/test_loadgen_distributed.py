@@ -66,3 +66,43 @@ def test_master_and_two_workers_merge_exactly(relay: LocalRelay, tmp_path: Path)
     # Binding RTTs: the flood users' samples plus one per call, as counted by Locust
     assert media.binding_rtt.count == stats["STUN Binding"]["count"]
     assert result.elapsed < 15
+
+
+def test_emulated_cgnat_is_split_over_the_workers(relay: LocalRelay, tmp_path: Path) -> None:
+    """Each worker emulates its own gateways: two gateways of 2 ports over 2 workers with
+    3 subscribers each exhaust ports and remap expired mappings in both workers."""
+    from turnstorm.loadgen.cgnat import Population
+    from turnstorm.loadgen.echo import spawn_echo
+
+    greenlet, peer, _ = spawn_echo()
+    config = LoadgenConfig(targets=[parse_uri(f"turn:{relay.host}:{relay.port}")],
+                           secret=relay.secret, peer=peer,
+                           session_length=SessionLength.parse("0.5"), call_gap=0.3,
+                           max_pps=2000, echo_grace=0.2)
+    population = Population.build(2, 2, 0.1, hold=2.0, base_address="127.100.0.1")
+    try:
+        result = run_locust(config, [TurnSessionUser], users=6, spawn_rate=50,
+                            duration=4.5, workers=2, cgnat=population,
+                            worker_dump_dir=str(tmp_path))
+    finally:
+        greenlet.kill()
+    counters = result.state.counters
+    dumps = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(2)]
+    for dump in dumps:
+        assert dump["counters"]["cgnat_exhausted"] > 0
+        assert dump["counters"]["allocations_ok"] >= 2
+    assert counters["cgnat_exhausted"] == sum(d["counters"]["cgnat_exhausted"] for d in dumps)
+    assert counters["allocations_failed"] == counters["cgnat_exhausted"]
+    assert counters["cgnat_remaps"] > 0
+    assert counters["released"] == counters["allocations_ok"]
+    assert population.stats.remaps == 0  # the master's copy stays unused
+
+
+def test_cgnat_needs_a_gateway_per_worker(relay: LocalRelay) -> None:
+    from turnstorm.loadgen.cgnat import Population
+    from turnstorm.loadgen.config import ConfigError
+
+    config = LoadgenConfig(targets=[parse_uri(f"turn:{relay.host}:{relay.port}")])
+    with pytest.raises(ConfigError, match="--workers 3 needs at least 3 gateways"):
+        run_locust(config, [StunBindingUser], duration=1.0, workers=3,
+                   cgnat=Population.build(2, 8))
