@@ -14,10 +14,12 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
    the real :class:`~turnstorm.policy.Autoscaler`:
 
    * ``ours``: allocationsPerRelay = 90 % of the calibrated SLO capacity, storm options on
-     (lookahead 45 s: start-up 15 s plus the lag of the 30 s slope window), other storm
-     options at their defaults, metrics.intervalSeconds 5, scaleDown window 30 s (a
-     drained relay is put back in rotation at once if load returns, so scale-in can start
-     early), drain deadline 900 s, scale-in by drain; all of these are TurnPool fields;
+     (slope over the last 10 s, projected 30 s ahead: start-up 15 s plus the slope
+     window's lag and one more evaluation), other storm options at their defaults,
+     metrics.intervalSeconds 1 (the operator scrapes the exporters directly, so a storm
+     is seen within seconds), scaleDown window 30 s (a drained relay is put back in
+     rotation at once if load returns, so scale-in can start early), drain deadline 900
+     s, scale-in by drain; all of these are TurnPool fields;
    * ``hpa-cpu70``: an HPA v2 on cpuUtilization 70 % of the limit, default behaviors
      (up: window 0, max(100 %, 4 pods)/15 s; down: window 300 s, 100 %/15 s), 15 s sync
      period, CPU averaged over 15 s (metrics-server), scale-in deletes the newest pods;
@@ -27,7 +29,10 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
 
    Prints per policy and trace: SLO-violation seconds, replica-seconds, allocations cut
    during scale-in, time to recover, and ratios to the best baseline (fewest violation
-   seconds, then fewest replica-seconds).
+   seconds, then fewest replica-seconds). ``uncut-s`` adds, for every relay a policy
+   deleted with calls on it, the seconds it would have had to live for those calls to
+   end: the replica-seconds of the same decisions without cutting a call (the baselines'
+   replica-seconds are cheap partly because they cut). The verdict uses ``repl x``.
 3. **One short trace for real (measured).** A :class:`~turnstorm.actuator.LocalPool` of
    CPU-capped coturn relays, the real Autoscaler (ours) applied through
    ``LocalPool.apply`` every second, and generator calls: a base load, a reconnect storm
@@ -359,9 +364,10 @@ def setups(slo_calls: int, max_relays: int) -> list[PolicySetup]:
     return [
         PolicySetup("ours", lambda: Autoscaler(
             policy({"allocationsPerRelay": ours}, down_window=30), 1, max_relays,
-            StormOptions(lookahead_seconds=45)), interval=5, drain=True,
-            description=f"allocationsPerRelay {ours}, storm lookahead 45 s, interval 5 s, "
-                        "scaleDown window 30 s, drain (deadline 900 s)"),
+            StormOptions(lookahead_seconds=30, slope_window_seconds=10)), interval=1,
+            drain=True,
+            description=f"allocationsPerRelay {ours}, storm lookahead 30 s over a 10 s slope "
+                        "window, interval 1 s, scaleDown window 30 s, drain (deadline 900 s)"),
         PolicySetup("hpa-cpu70", lambda: Autoscaler(
             policy({"cpuUtilization": 70}), 1, max_relays, StormOptions(enabled=False)),
             interval=15, drain=False,
@@ -581,13 +587,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {trace.name}: {trace.description}; {len(trace.sessions)} calls, "
               f"{trace.length} s; best baseline {best.policy}")
         print(f"    {'policy':<11}{'SLO-viol s':>11}{'replica-s':>10}{'cut':>6}{'recover s':>10}"
-              f"{'peak':>5}{'restarts':>9}{'viol x':>8}{'repl x':>8}")
+              f"{'peak':>5}{'restarts':>9}{'viol x':>8}{'repl x':>8}{'uncut-s':>9}"
+              f"{'x uncut':>8}")
         for r in results:
             vr = ratio(r.slo_violation_seconds, best.slo_violation_seconds)
             rr = ratio(r.replica_seconds, best.replica_seconds)
+            ur = ratio(r.uncut_replica_seconds, best.uncut_replica_seconds)
             print(f"    {r.policy:<11}{r.slo_violation_seconds:>11}{r.replica_seconds:>10}"
                   f"{r.allocations_cut:>6}{r.recover_seconds:>10}{r.peak_relays:>5}"
-                  f"{r.restarts:>9}{vr:>8.2f}{rr:>8.2f}")
+                  f"{r.restarts:>9}{vr:>8.2f}{rr:>8.2f}{r.uncut_replica_seconds:>9}"
+                  f"{ur:>8.2f}")
             if r.policy == "ours":
                 worst_violation = max(worst_violation, vr)
                 worst_replica = max(worst_replica, rr)

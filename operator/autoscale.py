@@ -173,9 +173,7 @@ def probe_rtt_ms(host: str, port: int, timeout: float = 1.0) -> float | None:
 
 
 def storm_options(spec: TurnPoolSpec) -> StormOptions:
-    return StormOptions(enabled=spec.scaling.storm_enabled,
-                        lookahead_seconds=spec.scaling.lookahead_seconds,
-                        port_headroom=spec.scaling.port_headroom)
+    return StormOptions.from_policy(spec.scaling)
 
 
 @dataclass

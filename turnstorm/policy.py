@@ -77,8 +77,15 @@ class StormOptions:
     port_headroom: float = 0.9
     """Use at most this share of each relay's ports before adding relays."""
     udp_drop_step: int = 1
-    """Relays added at once when the kernel drops datagrams and no other signal asks for
-    more."""
+    """Relays added at once when the kernel drops datagrams, no other signal asks for
+    more and no relay is already starting."""
+
+    @classmethod
+    def from_policy(cls, policy: ScalingPolicy) -> StormOptions:
+        """The options a TurnPool's ``spec.scaling.storm`` sets."""
+        return cls(enabled=policy.storm_enabled, lookahead_seconds=policy.lookahead_seconds,
+                   slope_window_seconds=policy.slope_window_seconds,
+                   port_headroom=policy.port_headroom)
 
 
 @dataclass
@@ -243,7 +250,11 @@ class Autoscaler:
             if needed > len(active):
                 floor = ("relay_ports", needed)
         drops = [r.signals.get("udp_rcvbuf_errors") for r in active]
-        if "udp_rcvbuf_errors" not in self._targets() and any((d or 0) > 0 for d in drops):
+        starting = any(not r.ready for r in active)
+        # Relays already starting are the answer to drops seen meanwhile: evaluated every
+        # second, the step would otherwise add a relay per second until one is ready.
+        if ("udp_rcvbuf_errors" not in self._targets() and not starting
+                and any((d or 0) > 0 for d in drops)):
             needed = len(active) + self.storm.udp_drop_step
             if floor is None or needed > floor[1]:
                 floor = ("udp_drops", needed)

@@ -265,6 +265,10 @@ class SimResult:
     """From the storm's start until the SLO holds for good (0: never violated)."""
     peak_relays: int
     events: list[str]
+    uncut_replica_seconds: int = 0
+    """``replica_seconds`` plus, for every relay deleted with calls on it, the seconds it
+    would have had to live for those calls to end: what the same decisions cost without
+    cutting a call (equal to ``replica_seconds`` for a policy that never cuts)."""
 
 
 @dataclass
@@ -319,6 +323,8 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         arrivals.setdefault(session.arrival, []).append(sid)
         pps[sid] = session.pps
     cut = rejected = restarts = replica_seconds = 0
+    shadow: list[int] = []
+    """Seconds deleted relays would have lived until their last call ended."""
     seconds: list[Second] = []
 
     def rotation(now: int) -> list[SimRelay]:
@@ -378,7 +384,7 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         if now % setup.interval == 0:
             samples = [_sample(r, now, model, setup, cfg) for r in relays.values()]
             decision = scaler.evaluate(float(now), samples)
-            cut += _apply(decision, relays, now, setup, cfg, start, events)
+            cut += _apply(decision, relays, now, setup, cfg, start, events, shadow)
 
     violating_after = [s.t for s in seconds if s.violating and s.t >= trace.storm_start]
     recover = violating_after[-1] + 1 - trace.storm_start if violating_after else 0
@@ -387,7 +393,8 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         replica_seconds=replica_seconds,
         slo_violation_seconds=sum(1 for s in seconds if s.violating),
         allocations_cut=cut, rejected=rejected, restarts=restarts, recover_seconds=recover,
-        peak_relays=max(s.relays for s in seconds), events=events)
+        peak_relays=max(s.relays for s in seconds), events=events,
+        uncut_replica_seconds=replica_seconds + sum(shadow))
 
 
 def _sample(relay: SimRelay, now: int, model: RelayModel, setup: PolicySetup,
@@ -407,8 +414,10 @@ def _sample(relay: SimRelay, now: int, model: RelayModel, setup: PolicySetup,
 
 
 def _apply(decision: Decision, relays: dict[str, SimRelay], now: int, setup: PolicySetup,
-           cfg: SimConfig, start: Callable[[int], None], events: list[str]) -> int:
-    """Carry out a decision; returns the sessions cut."""
+           cfg: SimConfig, start: Callable[[int], None], events: list[str],
+           shadow: list[int]) -> int:
+    """Carry out a decision; returns the sessions cut (and appends to ``shadow`` how long
+    each relay deleted with calls would have needed to live for them to end)."""
     cut = 0
     if setup.drain:
         for name in decision.undrain:
@@ -422,6 +431,8 @@ def _apply(decision: Decision, relays: dict[str, SimRelay], now: int, setup: Pol
             relay = relays.pop(name, None)
             if relay is not None:
                 cut += len(relay.sessions)
+                if relay.sessions:
+                    shadow.append(max(relay.sessions.values()) - now)
                 events.append(f"t={now} remove {name} ({len(relay.sessions)} cut)")
     elif decision.desired < decision.active:
         # A ReplicaSet/StatefulSet scaled down: the newest pods go, with their sessions.
@@ -430,6 +441,8 @@ def _apply(decision: Decision, relays: dict[str, SimRelay], now: int, setup: Pol
         for relay in active[:decision.active - decision.desired]:
             del relays[relay.name]
             cut += len(relay.sessions)
+            if relay.sessions:
+                shadow.append(max(relay.sessions.values()) - now)
             events.append(f"t={now} delete {relay.name} ({len(relay.sessions)} cut)")
     for _ in range(decision.scale_up):
         start(now + cfg.startup)

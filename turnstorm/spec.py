@@ -222,6 +222,7 @@ class ScalingPolicy:
     storm_enabled: bool = True
     lookahead_seconds: float = 30.0
     port_headroom: float = 0.9
+    slope_window_seconds: float = 30.0
 
 
 @dataclass
@@ -313,6 +314,7 @@ def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
             storm_enabled=sc["storm"]["enabled"],
             lookahead_seconds=float(sc["storm"]["lookaheadSeconds"]),
             port_headroom=sc["storm"]["portHeadroomPercent"] / 100,
+            slope_window_seconds=float(sc["storm"]["slopeWindowSeconds"]),
         ),
         metrics_source=s["metrics"]["source"],
         prometheus_url=s["metrics"].get("prometheusURL"),

@@ -125,6 +125,36 @@ def test_storm_projection_scales_before_the_target_is_crossed() -> None:
     assert s.desired == 3 and s.limiting_signal == "allocations"
 
 
+@pytest.mark.parametrize(("window", "desired"), [(30.0, 3), (10.0, 4)])
+def test_a_short_slope_window_sees_a_storm_sooner(window: float, desired: int) -> None:
+    """Steady 70 per relay, then a storm adds 9/s per relay from t=60; evaluated every
+    second. Three seconds in, the 10 s window's slope is the storm's, the 30 s one still
+    averages in the quiet time before it."""
+    scaler = Autoscaler(policy(), 1, 100,
+                        StormOptions(lookahead_seconds=30, slope_window_seconds=window))
+    decision = None
+    for t in range(0, 64):
+        level = 70.0 + max(0, t - 60) * 9
+        decision = scaler.evaluate(float(t), relays(level, level))
+    # t=63: 194 in all. 10 s window: slope (194-140)/10 = 5.4/s, 194 + 162 = 356 over
+    # 2 x 100 -> ratio 1.78 -> 4 relays. 30 s window: slope 54/30 = 1.8/s -> 248 -> 3.
+    assert decision is not None and decision.desired == desired
+
+
+def test_storm_options_come_from_the_turnpool() -> None:
+    from turnstorm.spec import turnpool_from_object
+
+    spec = turnpool_from_object({
+        "apiVersion": "turnstorm.io/v1alpha1", "kind": "TurnPool",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {"realm": "r.example", "authSecretRef": {"name": "s"},
+                 "scaling": {"storm": {"lookaheadSeconds": 20, "slopeWindowSeconds": 10,
+                                       "portHeadroomPercent": 80}}}})
+    options = StormOptions.from_policy(spec.scaling)
+    assert (options.enabled, options.lookahead_seconds, options.slope_window_seconds,
+            options.port_headroom) == (True, 20.0, 10.0, 0.8)
+
+
 def test_relay_port_capacity_is_a_hard_ceiling_per_relay() -> None:
     samples = relays(95, 95)
     for sample in samples:
@@ -141,6 +171,19 @@ def test_udp_drops_scale_up_even_without_a_target() -> None:
     decision = Autoscaler(policy(), 1, 10).evaluate(0.0, samples)
     assert decision.desired == 3 and decision.limiting_signal == "udp_drops"
     assert Autoscaler(policy(), 1, 10, HPA).evaluate(0.0, samples).desired == 2
+
+
+def test_udp_drops_add_one_step_until_the_new_relay_is_ready() -> None:
+    """Evaluated every second, drops that last while a relay starts ask for nothing more."""
+    scaler = Autoscaler(policy(), 1, 10)
+    dropping = relays(10, 10, udp_rcvbuf_errors=[0.0, 35.0])
+    assert scaler.evaluate(0.0, dropping).desired == 3
+    starting = [*dropping, RelaySample("r2", ready=False)]
+    for t in (1.0, 2.0, 3.0):
+        assert scaler.evaluate(t, starting).desired == 3
+    ready = [*dropping, RelaySample("r2", signals={"allocations": 0.0,
+                                                   "udp_rcvbuf_errors": 0.0})]
+    assert scaler.evaluate(4.0, ready).desired == 4  # still dropping once it serves
 
 
 DRAIN_CASES = [

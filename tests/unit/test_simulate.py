@@ -103,6 +103,14 @@ def test_deleting_relays_cuts_sessions_and_draining_cuts_none() -> None:
     # Draining relays keep running until their last call ends: more replica-seconds.
     assert drained.replica_seconds >= deleted.replica_seconds
     assert drained.seconds[-1].relays < 4
+    # Without cuts the deleting policy's decisions would have cost more than it paid: each
+    # deleted relay had to stay until its 500 s calls ended (started at 0, so the
+    # relays deleted at t would have lived 500 - t more seconds).
+    assert drained.uncut_replica_seconds == drained.replica_seconds
+    deletions = [int(e.split()[0][2:]) for e in deleted.events if " delete " in e]
+    assert deletions
+    assert deleted.uncut_replica_seconds == deleted.replica_seconds + sum(
+        500 - t for t in deletions)
 
 
 def test_drain_deadline_cuts_what_is_left() -> None:

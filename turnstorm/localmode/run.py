@@ -245,7 +245,7 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
                 boost(member.pid)
         rotation.publish(pool.rotation())
         autoscaler = Autoscaler(spec.scaling, spec.min_replicas, spec.max_replicas,
-                                StormOptions())
+                                StormOptions.from_policy(spec.scaling))
         controller = Controller(pool, autoscaler, rotation, timing.interval_seconds,
                                 timing.time_scale, apply=autoscale, on_new_relay=boost)
         label = "fixed pool" if phase == "fixed" else "autoscaled pool"
