@@ -364,11 +364,11 @@ def bench_idle(relay: LocalRelay, interval: float, baseline_users: int, count: i
                          and stats.answered >= count and stats.errors == 0) else 0
         crowd.take_rtts()
         per_keepalive = cpu / max(1, stats.sent)
-        mem = max(0.0, opened - rss0) / count * 1024
+        mem = max(0.0, opened - rss0) / count * 1024 * 1024
         print(f"(c) KeepaliveCrowd: {count} subscribers, {stats.sent} keepalives, answered "
               f"{stats.answered}, unanswered {stats.unanswered}, RTT p99 "
               f"{crowd.rtt.percentile_ms(99):.2f} ms, {per_keepalive * 1e6:.0f} us CPU each "
-              f"(x{base_cpu / per_keepalive:.1f} less than baseline), RSS growth {mem:.1f} KB per "
+              f"(x{base_cpu / per_keepalive:.1f} less than baseline), RSS growth {mem:.0f} bytes per "
               f"subscriber, process RSS {rss_mb():.0f} MB")
     finally:
         crowd.close()
