@@ -45,6 +45,11 @@ METHOD_NAMES = {
 }
 RECV_SIZE = 65535
 _CHANNEL_HEADER = struct.Struct("!HH")
+SO_TIMESTAMPNS = 35
+"""Linux ``SO_TIMESTAMPNS`` (its control message type has the same value); the socket
+module does not export it."""
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = 64
 clock = time.perf_counter
 """The one clock of this module: request RTTs, retransmission deadlines, media stamps."""
 
@@ -82,6 +87,8 @@ class UdpClient:
         self.sock: Any = _socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)
+            with contextlib.suppress(OSError):  # without it, arrival = when the hub reads
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             if local is not None:
                 self.sock.bind(local)
             self.sock.connect(server)
@@ -124,12 +131,17 @@ class UdpClient:
             raise WireError(f"cannot send to {_fmt(self.server)}: {exc.strerror or exc}") from None
 
     def _readable(self) -> None:
-        """Drain the socket (called in the hub by the read watcher)."""
-        recv = self.sock.recv
+        """Drain the socket (called in the hub by the read watcher). Each datagram is
+        stamped with its kernel arrival time (``SO_TIMESTAMPNS``), so an RTT does not
+        include how long the hub took to get here: the media echo and the direct Binding
+        that the relay overhead subtracts are measured the same exact way."""
+        recvmsg = self.sock.recvmsg
         unpack = _CHANNEL_HEADER.unpack_from
+        stamp = _TIMESPEC.unpack
+        offset = time.time() - clock()
         while not self._closed:
             try:
-                data = recv(RECV_SIZE)
+                data, ancillary, _, _ = recvmsg(RECV_SIZE, _ANCILLARY_SIZE)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -137,7 +149,11 @@ class UdpClient:
                 self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
                                          f"{exc.strerror or exc}"))
                 continue
-            now = clock()
+            if ancillary:
+                seconds, nanoseconds = stamp(ancillary[0][2])
+                now = seconds - offset + nanoseconds * 1e-9
+            else:
+                now = clock()
             if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
                 channel, length = unpack(data)
                 handler = self.on_channel_data
