@@ -368,8 +368,8 @@ def bench_idle(relay: LocalRelay, interval: float, baseline_users: int, count: i
         print(f"(c) KeepaliveCrowd: {count} subscribers, {stats.sent} keepalives, answered "
               f"{stats.answered}, unanswered {stats.unanswered}, RTT p99 "
               f"{crowd.rtt.percentile_ms(99):.2f} ms, {per_keepalive * 1e6:.0f} us CPU each "
-              f"(x{base_cpu / per_keepalive:.1f} less than baseline), RSS growth {mem:.0f} bytes per "
-              f"subscriber, process RSS {rss_mb():.0f} MB")
+              f"(x{base_cpu / per_keepalive:.1f} less than baseline), RSS growth {mem:.0f} "
+              f"bytes per subscriber, process RSS {rss_mb():.0f} MB")
     finally:
         crowd.close()
     return Figure("c", "idle subscribers held per process", float(held), GOALS["c"])

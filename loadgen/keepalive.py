@@ -76,8 +76,8 @@ _RAW_HEADERS = struct.Struct("!BBHHHBBH4s4sHHHH")
 """IPv4 header (20 bytes, no options) + UDP header (8 bytes)."""
 _RAW_SIZE = _RAW_HEADERS.size + _REQUEST.size
 _CAP_NET_RAW = 13
-_gateways_used = 0
-"""Gateway addresses this process handed out (raw transport): crowds never overlap."""
+RAW_GATEWAYS = "127.65.0.0/16"
+"""Where raw-transport gateway addresses come from."""
 
 
 @dataclass
@@ -175,18 +175,10 @@ class KeepaliveCrowd:
         self._send: Callable[[int, bytearray], None] = send
 
     def _open_raw(self) -> None:
-        global _gateways_used
         if why := raw_unavailable(self.server):
             raise OSError(f"the raw keepalive transport {why}")
-        gateways = -(-self.count // RAW_PORTS)
-        first = _gateways_used
-        _gateways_used += gateways
-        if _gateways_used > 254:
-            raise OSError("this process has handed out every raw gateway address "
-                          "(254 x 40000 subscribers)")
-        prefix = f"127.65.{os.getpid() % 250}"
-        self.gateways = [f"{prefix}.{first + g + 1}" for g in range(gateways)]
-        self._drop_port_unreachables(prefix)
+        self.gateways = self._claim_gateways(-(-self.count // RAW_PORTS))
+        self._drop_port_unreachables()
         sender = _socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.socks.append(sender)
         sender.setblocking(False)
@@ -222,13 +214,33 @@ class KeepaliveCrowd:
 
         self._send = send
 
-    def _drop_port_unreachables(self, prefix: str) -> None:
+    def _claim_gateways(self, needed: int) -> list[str]:
+        """``needed`` gateway addresses no other crowd holds (see the module doc); the
+        claiming sockets stay open (in ``socks``) as long as the crowd."""
+        claimed: list[str] = []
+        for address in ipaddress.ip_network(RAW_GATEWAYS).hosts():
+            if len(claimed) == needed:
+                return claimed
+            claim = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                claim.bind((str(address), RAW_PORT_BASE - 1))
+            except OSError:
+                claim.close()
+                continue
+            self.socks.append(claim)
+            claimed.append(str(address))
+        if len(claimed) < needed:
+            raise OSError(f"only {len(claimed)} of {needed} raw gateway addresses are free "
+                          f"in {RAW_GATEWAYS}")
+        return claimed
+
+    def _drop_port_unreachables(self) -> None:
         """No socket owns the gateway ports, so the kernel answers each response with an
         ICMP port-unreachable to the relay: drop those in a table of our own."""
         nft = shutil.which("nft")
         table = f"turnstorm_crowd_{os.getpid()}"
         rules = (f"table ip {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
-                 f"  ip saddr {prefix}.0/24 icmp type destination-unreachable drop\n }}\n}}\n")
+                 f"  ip saddr {RAW_GATEWAYS} icmp type destination-unreachable drop\n }}\n}}\n")
         if nft is None:
             self.notes.append("nft not found: the relay receives the kernel's ICMP "
                               "port-unreachables (rate-limited to 1000/s)")

@@ -100,3 +100,27 @@ def test_raw_crowd_is_not_capped_by_the_open_file_limit(relay: LocalRelay) -> No
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
                             check=True).stdout
     assert table not in tables
+
+
+def test_raw_crowds_claim_distinct_gateways(relay: LocalRelay) -> None:
+    """Two crowds (as in two Locust workers) never share a gateway address, so neither
+    counts the other's responses."""
+    from turnstorm.loadgen.keepalive import KeepaliveCrowd
+
+    _raw_allowed()
+    first = KeepaliveCrowd((relay.host, relay.port), 10, 1.0, transport="raw")
+    try:
+        second = KeepaliveCrowd((relay.host, relay.port), 10, 1.0, transport="raw")
+        try:
+            assert set(first.gateways).isdisjoint(second.gateways)
+            first.run(duration=1.2)
+            second.run(duration=1.2)
+            for crowd in (first, second):
+                assert crowd.stats.errors == 0 and crowd.stats.answered >= 10
+        finally:
+            second.close()
+        third = KeepaliveCrowd((relay.host, relay.port), 10, 1.0, transport="raw")
+        third.close()
+        assert third.gateways == second.gateways  # a closed crowd's claim is released
+    finally:
+        first.close()
