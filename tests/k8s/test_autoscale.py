@@ -151,12 +151,16 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
             # 6 allocations per relay against a target of 4: ratio 1.5 -> 3 relays.
             for host in HOSTS:
                 clients[host] = loop.run_until_complete(allocate(host, relays.secret, 6))
+            # An evaluation while the second relay's allocations were still being made
+            # can already ask for 3 (e.g. 6 + 3 = ratio 1.125): wait for the full picture.
             status = wait_for(
                 lambda: (s := pool_status(control_plane, "live", namespace))
-                .get("desiredReplicas") == 3 and s, timeout=30,
-                what=lambda: f"desiredReplicas 3: {pool_status(control_plane, 'live', namespace)}")
+                .get("desiredReplicas") == 3
+                and s.get("saturation", {}).get("allocations") == pytest.approx(1.5, abs=0.01)
+                and s, timeout=30,
+                what=lambda: "desiredReplicas 3 at 150 % allocations: "
+                             f"{pool_status(control_plane, 'live', namespace)}")
             assert status["limitingSignal"] == "allocations"
-            assert status["saturation"]["allocations"] == pytest.approx(1.5, abs=0.01)
             assert status["saturationSummary"] == "150% allocations"
             dep = get(control_plane, "deployment", "live", namespace)
             assert dep is not None and dep["spec"]["replicas"] == 3
