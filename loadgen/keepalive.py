@@ -112,9 +112,6 @@ class KeepaliveCrowd:
                  transport: str = "auto") -> None:
         if count < 1 or interval <= 0:
             raise ValueError("a crowd needs count >= 1 and a positive interval")
-        if transport not in ("auto", "sockets", "raw"):
-            raise ValueError(f"unknown keepalive transport {transport!r} "
-                             "(auto, sockets or raw)")
         self.server = server
         self.count = count
         self.interval = interval
@@ -133,15 +130,9 @@ class KeepaliveCrowd:
         self.notes: list[str] = []
         """What the transport could not do as asked (shown by the bench and the CLI)."""
         self._nft_table: str | None = None
-        if transport == "auto":
-            limit = raise_fd_limit(count + 1024)
-            transport = "sockets" if limit >= count + 64 else "raw"
-            if transport == "raw" and (why := raw_unavailable(server)):
-                raise OSError(f"{count} subscribers need {count + 64} open files (the limit "
-                              f"is {limit}) or the raw transport, which {why}")
-        self.transport = transport
+        self.transport = choose_transport(server, count, transport)
         try:
-            if transport == "raw":
+            if self.transport == "raw":
                 self._open_raw()
             else:
                 self._open_sockets()
@@ -151,10 +142,6 @@ class KeepaliveCrowd:
 
     def _open_sockets(self) -> None:
         count = self.count
-        limit = raise_fd_limit(count + 1024)
-        if limit < count + 64:
-            raise OSError(f"{count} subscribers need {count + 64} open files; the limit "
-                          f"is {limit}")
         loop = gevent.get_hub().loop
         for index in range(count):
             source = SOURCES_BASE[:3] + (SOURCES_BASE[3] + index // PORTS_PER_SOURCE,)
@@ -175,8 +162,6 @@ class KeepaliveCrowd:
         self._send: Callable[[int, bytearray], None] = send
 
     def _open_raw(self) -> None:
-        if why := raw_unavailable(self.server):
-            raise OSError(f"the raw keepalive transport {why}")
         self.gateways = self._claim_gateways(-(-self.count // RAW_PORTS))
         self._drop_port_unreachables()
         sender = _socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -381,6 +366,28 @@ class KeepaliveCrowd:
             subprocess.run(["nft", "delete", "table", "ip", self._nft_table],
                            capture_output=True, check=False)
             self._nft_table = None
+
+
+def choose_transport(server: tuple[str, int], count: int, transport: str) -> str:
+    """The transport ``count`` subscribers of ``server`` get here (``auto`` resolved);
+    raises OSError with a one-line reason when the one asked for cannot work (the
+    ``sockets`` transport raises the open-file limit as far as it can first)."""
+    if transport not in ("auto", "sockets", "raw"):
+        raise ValueError(f"unknown keepalive transport {transport!r} (auto, sockets or raw)")
+    if transport != "raw":
+        limit = raise_fd_limit(count + 1024)
+        if limit >= count + 64:
+            return "sockets"
+        if transport == "sockets":
+            raise OSError(f"{count} subscribers need {count + 64} open files; the limit "
+                          f"is {limit}")
+        if why := raw_unavailable(server):
+            raise OSError(f"{count} subscribers need {count + 64} open files (the limit "
+                          f"is {limit}) or the raw transport, which {why}")
+        return "raw"
+    if why := raw_unavailable(server):
+        raise OSError(f"the raw keepalive transport {why}")
+    return "raw"
 
 
 def raw_unavailable(server: tuple[str, int]) -> str | None:

@@ -116,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
     if peer is not None:
         check_target(peer[0], args.allow_target)
     cgnat = _cgnat(args.cgnat) if args.cgnat else None
+    if args.mix == "idle":
+        from turnstorm.loadgen.keepalive import choose_transport
+
+        for target in targets:
+            try:
+                choose_transport(target.address, args.crowd_size, args.crowd_transport)
+            except OSError as exc:
+                raise ConfigError(f"--mix idle against {target}: {exc}") from None
     echo = None
     if peer is None and args.mix in ("turn", "both"):
         echo, peer = start_echo_process()

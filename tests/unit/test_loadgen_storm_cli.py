@@ -41,3 +41,13 @@ def test_bad_shape_param_and_tcp_target(capsys: pytest.CaptureFixture[str],
     code, err = run(capsys, "--target", "turn:127.0.0.1?transport=tcp", "--mix", "stun")
     assert err == ("turnstorm storm: target 'turn:127.0.0.1?transport=tcp': the load "
                    "generator speaks UDP only")
+
+
+def test_raw_idle_crowd_against_a_remote_relay_is_refused_up_front(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run(capsys, "--target", "turn:192.0.2.1:3478", "--allow-target", "192.0.2.1",
+                    "--mix", "idle", "--crowd-transport", "raw", "--duration", "1")
+    assert err == ("turnstorm storm: --mix idle against turn:192.0.2.1:3478?transport=udp: "
+                   "the raw keepalive transport needs an IPv4 loopback relay (its spoofed "
+                   "127.x sources must not leave the host)")
+    assert code == 1
