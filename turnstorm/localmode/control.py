@@ -97,6 +97,18 @@ class Controller:
             self._thread.join(timeout)
             self._thread = None
 
+    def finish_drains(self, timeout: float) -> bool:
+        """Keep the loop running until no relay is draining (at most ``timeout`` seconds).
+
+        When the load stops, its calls end, and the drains already started can finish:
+        the next steps remove those relays. True when none is left draining."""
+        deadline = self.clock() + timeout
+        while self.status.draining and self.clock() < deadline:
+            if self._thread is None or not self._thread.is_alive() or self.error is not None:
+                break
+            self._stop.wait(0.1)
+        return not self.status.draining
+
     def _run(self) -> None:
         while not self._stop.is_set():
             began = self.clock()
