@@ -252,7 +252,8 @@ def pump_media(calls: list[Call], seconds: float) -> MediaRun:
     pump = MediaPump(state)
     fds = [call.client.sock.fileno() for call in calls]
     drops0 = socket_drops(fds)
-    flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES)
+    flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
+                      receiver=call.client)
              for call in calls]
     gevent.sleep(0.5)  # every flow is on the wheel; measure the steady state
     state.send_lag = Histogram()
@@ -401,7 +402,8 @@ def bench_cpu_per_message(relay: LocalRelay, peer: tuple[str, int], sessions: in
     calls = open_calls(relay, peer, sessions)
     state = type("PumpState", (), {"send_lag": Histogram(), "limiter": None})()
     pump = MediaPump(state)
-    flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES)
+    flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
+                      receiver=call.client)
              for call in calls]
     while any(flow.sent < messages for flow in flows):
         for flow in flows:

@@ -1,8 +1,8 @@
 """Paced media for many calls from one greenlet: a timer wheel, not a greenlet per packet.
 
 Every call of a process registers its connected UDP socket and channel with the process's
-:class:`MediaPump`. The pump wakes about once per millisecond (the hub's timer
-granularity), sends every frame due before ``now + LEAD`` with one ``os.write`` per
+:class:`MediaPump`. The pump wakes every ``TICK`` (0.5 ms; the hub's timers fire up
+to ~1 ms late), sends every frame due before ``now + LEAD`` with one ``os.write`` per
 datagram on the socket's descriptor (no greenlet switch, no gevent wrapper), and
 schedules the frame after it on a wheel of ``tick``-wide slots. A frame's send-timing
 error ``|sent - scheduled|`` (up to ``LEAD`` early, or late by the wake-up latency plus
@@ -10,17 +10,28 @@ its place in the batch) is recorded in the ``send_lag`` histogram. The process-w
 ``--max-pps`` limiter is charged once per batch.
 
 A frame is ``seq (4 bytes) + send time (8 bytes, the generator's clock)`` padded to
-``frame_bytes``; echoes come back through the client's own receive greenlet.
+``frame_bytes``. While a flow lasts, the pump also reads its socket (when given the
+client, ``receiver``): after each wake-up's sends it polls one epoll set of every flow's
+socket and reads what is queued, checking for frames falling due every few sockets. An
+echo then costs no hub wake-up or watcher callback of its own, and reading never holds
+a frame back by more than a few datagrams. Each datagram keeps its kernel arrival stamp,
+so the RTT does not depend on when it is read. Control responses on those sockets
+(refreshes during the call) are dispatched by the same read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+from gevent import monkey
 
 from turnstorm.loadgen.metrics import Histogram
 from turnstorm.loadgen.wire import clock
@@ -33,6 +44,11 @@ TICK = 0.0005
 """Seconds between pump wake-ups (and the grid frames are scheduled on)."""
 LEAD = 0.0005
 """Frames due less than this far ahead are sent in the current wake-up (seconds)."""
+READS_PER_TICK = 4
+"""Datagrams read from one flow's socket per wake-up at most (it gets one every
+``interval``; more are left for the next wake-up, stamped with their arrival anyway)."""
+READS_BETWEEN_SENDS = 8
+"""Sockets read between two checks for frames falling due."""
 MAX_CATCH_UP = 10
 """A call more than this many frames behind (overload) skips ahead instead of bursting."""
 
@@ -51,6 +67,8 @@ class MediaFlow:
     """Frames the kernel refused (a full send buffer: generator-induced loss)."""
     frame: bytearray = field(init=False, default_factory=bytearray)
     """The datagram, rewritten in place for each frame (ChannelData header + payload)."""
+    receiver: Any = None
+    """The client whose socket the pump reads while the flow lasts (or None)."""
 
     def __post_init__(self) -> None:
         self.frame = bytearray(4 + self.frame_bytes)
@@ -70,14 +88,29 @@ class MediaPump:
         self.sent = 0
         self.send_errors = 0
         self._greenlet: Any = None
+        self._current = 0
+        """The next wheel slot to send."""
+        self._readers: dict[int, Callable[[float], bool]] = {}
+        self._poll: Any = _epoll()
 
-    def add(self, sock: Any, channel: int, interval: float, frame_bytes: int) -> MediaFlow:
-        """Start sending on ``sock`` (connected to the relay) through ``channel``."""
+    def add(self, sock: Any, channel: int, interval: float, frame_bytes: int,
+            receiver: Any = None) -> MediaFlow:
+        """Start sending on ``sock`` (connected to the relay) through ``channel``.
+
+        With ``receiver`` (the :class:`~turnstorm.loadgen.wire.UdpClient` owning ``sock``)
+        the pump also reads the socket while the flow lasts, between its sends, instead
+        of the hub's read watcher: echoes cost no wake-up of their own and never delay a
+        send by more than one batch of reads."""
         # spread the flows' phases over the interval: even batches, not one burst
         phases = max(1, round(interval / self.tick))
         slot = int(clock() / self.tick) + 1 + self._added % phases
         self._added += 1
         flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
+        if receiver is not None and self._poll is not None:
+            receiver.detach_reader()
+            flow.receiver = receiver
+            self._readers[flow.fd] = receiver.read_one
+            self._poll.register(flow.fd, select.EPOLLIN)
         self.wheel.setdefault(slot, []).append(flow)
         self.flows += 1
         if self._greenlet is None or self._greenlet.dead:
@@ -87,24 +120,53 @@ class MediaPump:
     def remove(self, flow: MediaFlow) -> None:
         """Stop the flow (it is dropped from the wheel at its next slot)."""
         if flow.fd >= 0:
+            if flow.receiver is not None:
+                if self._readers.get(flow.fd) == flow.receiver.read_one:
+                    del self._readers[flow.fd]
+                    # closed meanwhile: the kernel dropped it already
+                    with contextlib.suppress(OSError, ValueError):
+                        self._poll.unregister(flow.fd)
+                flow.receiver.attach_reader()
+                flow.receiver = None
             flow.fd = -1
             self.flows -= 1
 
     def _run(self) -> None:
-        tick = self.tick
         wheel = self.wheel
-        current = min(wheel) if wheel else int(clock() / tick)
+        self._current = min(wheel) if wheel else int(clock() / self.tick)
         while self.flows > 0:
-            # everything due before now + LEAD goes out now: the hub's timers fire up to
-            # ~1 ms late, so sending up to LEAD early centres the timing error on zero
-            last = int((clock() + LEAD) / tick)
-            while current <= last:
-                batch = wheel.pop(current, None)
-                if batch:
-                    self._send(batch, current)
-                current += 1
-            gevent.sleep(tick)
+            self._send_due()
+            if self._readers:
+                self._read()
+            gevent.sleep(self.tick)
         self._greenlet = None
+
+    def _send_due(self) -> None:
+        """Send every slot due before now + LEAD: the hub's timers fire up to ~1 ms late,
+        so sending up to LEAD early centres the timing error on zero."""
+        last = int((clock() + LEAD) / self.tick)
+        wheel = self.wheel
+        while self._current <= last:
+            current = self._current
+            self._current = current + 1
+            batch = wheel.pop(current, None)
+            if batch:
+                self._send(batch, current)
+
+    def _read(self) -> None:
+        """Read what the flows' sockets have queued (a few datagrams per socket at most;
+        the rest stays queued, with its arrival stamps, for the next wake-up), sending
+        the frames that fall due meanwhile."""
+        readers = self._readers
+        offset = time.time() - clock()
+        for number, (fd, _) in enumerate(self._poll.poll(0), 1):
+            read_one = readers.get(fd)
+            if read_one is not None:
+                for _ in range(READS_PER_TICK):
+                    if not read_one(offset):
+                        break
+            if number % READS_BETWEEN_SENDS == 0:
+                self._send_due()
 
     def _send(self, batch: list[MediaFlow], slot: int) -> None:
         limiter = getattr(self.state, "limiter", None)
@@ -152,3 +214,10 @@ def media_pump(state: Any) -> MediaPump:
         pump = MediaPump(state)
         state.pump = pump
     return pump
+
+
+def _epoll() -> Any:
+    """An epoll object the pump polls itself (not the hub's: gevent's patching hides
+    ``select.epoll``), or None where there is none."""
+    factory = monkey.get_original("select", "epoll") if hasattr(select, "EPOLLIN") else None
+    return factory() if factory is not None else None

@@ -63,12 +63,16 @@ class Histogram:
 
     def record_us(self, value_us: float, count: int = 1) -> None:
         """Add ``count`` samples of ``value_us`` (negative values count as 0)."""
-        value = max(0, round(value_us))
+        value = round(value_us) if value_us > 0 else 0  # the hot path: no max()/min()
         index = value if value < EXACT_LIMIT else bucket_index(value)
-        self.buckets[index] = self.buckets.get(index, 0) + count
-        if self.count == 0 or value < self.min_us:
+        buckets = self.buckets
+        buckets[index] = buckets.get(index, 0) + count
+        if self.count == 0:
+            self.min_us = self.max_us = value
+        elif value < self.min_us:
             self.min_us = value
-        self.max_us = max(self.max_us, value)
+        elif value > self.max_us:
+            self.max_us = value
         self.count += count
         self.total_us += value * count
 
@@ -275,7 +279,7 @@ class StreamStats:
         if not self.sequence.on_packet(seq):
             return
         rtt = received - sent
-        self.rtt.record_seconds(rtt)
+        self.rtt.record_us(rtt * 1e6)
         self.delay.add(rtt)
         self.jitter.update(sent, received)
         self.received_bytes += size

@@ -430,7 +430,8 @@ class TurnSessionUser(_RelayUser):
         # under the same load as the media, not only once at call set-up.
         next_probe = start + config.summary_interval
         flow = call.flow = media_pump(self.state).add(client.sock, call.channel,
-                                                      config.frame_interval, config.frame_bytes)
+                                                      config.frame_interval, config.frame_bytes,
+                                                      receiver=client)
         try:
             while True:
                 now = clock()

@@ -131,49 +131,67 @@ class UdpClient:
             raise WireError(f"cannot send to {_fmt(self.server)}: {exc.strerror or exc}") from None
 
     def _readable(self) -> None:
-        """Drain the socket (called in the hub by the read watcher). Each datagram is
-        stamped with its kernel arrival time (``SO_TIMESTAMPNS``), so an RTT does not
-        include how long the hub took to get here: the media echo and the direct Binding
-        that the relay overhead subtracts are measured the same exact way."""
-        recvmsg = self.sock.recvmsg
-        unpack = _CHANNEL_HEADER.unpack_from
-        stamp = _TIMESPEC.unpack
+        """Drain the socket (called in the hub by the read watcher)."""
         offset = time.time() - clock()
-        while not self._closed:
-            try:
-                data, ancillary, _, _ = recvmsg(RECV_SIZE, _ANCILLARY_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                # ICMP port unreachable on a connected socket: fail what is waiting.
-                self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
-                                         f"{exc.strerror or exc}"))
-                continue
-            if ancillary:
-                seconds, nanoseconds = stamp(ancillary[0][2])
-                now = seconds - offset + nanoseconds * 1e-9
-            else:
-                now = clock()
-            if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
-                channel, length = unpack(data)
-                handler = self.on_channel_data
-                if handler is not None and length <= len(data) - 4:
-                    handler(channel, data[4:4 + length], now)
-                continue
-            try:
-                message = stun.parse(data)
-            except stun.StunParseError:
-                self.parse_errors += 1
-                continue
-            if message.message_class in (Class.RESPONSE, Class.ERROR):
-                waiter = self._pending.get(message.transaction_id)
-                if waiter is not None and not waiter.ready():
-                    waiter.set((message, now))
-            elif message.method == Method.DATA and self.on_data is not None:
-                peer = message.attributes.get("XOR-PEER-ADDRESS")
-                payload = message.attributes.get("DATA")
-                if peer is not None and payload is not None:
-                    self.on_data(peer, payload, now)
+        read_one = self.read_one
+        while read_one(offset):
+            pass
+
+    def read_one(self, offset: float) -> bool:
+        """Receive and dispatch one datagram; False when none is queued (or closed).
+
+        ``offset`` is ``time.time() - clock()``. Each datagram is stamped with its kernel
+        arrival time (``SO_TIMESTAMPNS``), so an RTT does not include how long the reader
+        took to get here: the media echo and the direct Binding that the relay overhead
+        subtracts are measured the same exact way. The :class:`MediaPump` calls this
+        itself for the sockets of its flows (see :meth:`detach_reader`)."""
+        if self._closed:
+            return False
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(RECV_SIZE, _ANCILLARY_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            # ICMP port unreachable on a connected socket: fail what is waiting.
+            self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
+                                     f"{exc.strerror or exc}"))
+            return True
+        if ancillary:
+            seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
+            now = seconds - offset + nanoseconds * 1e-9
+        else:
+            now = clock()
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+            channel, length = _CHANNEL_HEADER.unpack_from(data)
+            handler = self.on_channel_data
+            if handler is not None and length <= len(data) - 4:
+                handler(channel, data[4:4 + length], now)
+            return True
+        try:
+            message = stun.parse(data)
+        except stun.StunParseError:
+            self.parse_errors += 1
+            return True
+        if message.message_class in (Class.RESPONSE, Class.ERROR):
+            waiter = self._pending.get(message.transaction_id)
+            if waiter is not None and not waiter.ready():
+                waiter.set((message, now))
+        elif message.method == Method.DATA and self.on_data is not None:
+            peer = message.attributes.get("XOR-PEER-ADDRESS")
+            payload = message.attributes.get("DATA")
+            if peer is not None and payload is not None:
+                self.on_data(peer, payload, now)
+        return True
+
+    def detach_reader(self) -> None:
+        """Stop the hub's read watcher: somebody else calls :meth:`read_one` now."""
+        if not self._closed:
+            self._watcher.stop()
+
+    def attach_reader(self) -> None:
+        """Give reading back to the hub's read watcher (it fires for anything queued)."""
+        if not self._closed:
+            self._watcher.start(self._readable)
 
     def _fail_all(self, exc: Exception) -> None:
         for waiter in self._pending.values():
