@@ -10,8 +10,8 @@ generator is this process (gevent-patched, as under Locust). Four figures:
     in an unpatched subprocess, same duration. Goal >= 120,000.
 (b) Concurrent paced media sessions at 50 packets/s per generator core: N calls through
     the relay (Allocate, permission, channel to the echo peer), paced by the
-    :class:`~turnstorm.loadgen.media.MediaPump` and received by ``UdpClient``'s receive
-    greenlets (what ``TurnSessionUser`` runs). Valid only with generator-induced loss 0
+    :class:`~turnstorm.loadgen.media.MediaPump`, which also reads the echoes between its
+    sends (what ``TurnSessionUser`` runs). Valid only with generator-induced loss 0
     (refused sends + drops on our own sockets' receive queues) and send-timing error
     p99 < 1 ms. Sessions per core = N / generator CPU fraction. Baseline: the same calls
     paced by one greenlet per call sleeping between packets. Goal >= 1,000.

@@ -6,6 +6,8 @@ non-blocking UDP socket. No greenlet per client: a libev read watcher calls
 :meth:`UdpClient._readable` in the hub itself when datagrams are queued, which drains them
 and dispatches: responses to the waiting request (a gevent ``AsyncResult``) by transaction
 id, ChannelData to a callback by channel number (no greenlet switch per media packet).
+While a call's media flows, the :class:`~turnstorm.loadgen.media.MediaPump` takes the
+reading over (:meth:`UdpClient.detach_reader`) and calls :meth:`UdpClient.read_one` itself.
 Requests block only the calling greenlet. Callbacks therefore run in the hub and must not
 block.
 """
