@@ -143,3 +143,37 @@ async def test_drained_relay_redirects_new_allocations(cgroups_root: str) -> Non
             await asyncio.sleep(0.1)
         assert await asyncio.to_thread(pool.remove, b.name) == 0
         assert pool.rotation() == [a.uri]
+
+
+async def test_controller_finishes_a_drain_once_its_calls_end(cgroups_root: str) -> None:
+    from turnstorm.localmode.control import Controller
+    from turnstorm.localmode.rotation import Rotation
+    from turnstorm.policy import Autoscaler, StormOptions
+    from turnstorm.spec import ScalingBehavior, ScalingPolicy
+
+    policy = ScalingPolicy(enabled=True, tolerance=0.1, targets={"allocationsPerRelay": 10},
+                           scale_up=ScalingBehavior(0, 100, 4, 15),
+                           scale_down=ScalingBehavior(0, 100, 0, 15),
+                           drain_deadline_seconds=900)
+    with LocalPool(cpus=0.5) as pool:
+        a, b = pool.start_relay(), pool.start_relay()
+        creds = Credentials.ephemeral(pool.secret, unique_user("finish"), time.time())
+        client = await TurnClient.connect((b.host, b.port), "udp", credentials=creds)
+        controller = Controller(pool, Autoscaler(policy, 1, 2, StormOptions(enabled=False)),
+                                Rotation(), interval=0.2, time_scale=1.0, apply=True)
+        try:
+            await client.allocate()
+            pool.drain(b.name, now=time.monotonic())
+            controller.start()
+            # a call is still up on the draining relay: its drain cannot finish
+            assert not await asyncio.to_thread(controller.finish_drains, 1.0)
+            assert pool.relays[b.name].draining
+            await client.release()
+            # the call has ended: the loop removes the relay
+            assert await asyncio.to_thread(controller.finish_drains, 5.0)
+        finally:
+            controller.stop()
+            await client.aclose()
+        assert controller.error is None
+        assert list(pool.relays) == [a.name] and controller.removed_relays == 1
+        assert pool.allocations_cut == 0

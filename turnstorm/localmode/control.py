@@ -103,11 +103,14 @@ class Controller:
         When the load stops, its calls end, and the drains already started can finish:
         the next steps remove those relays. True when none is left draining."""
         deadline = self.clock() + timeout
-        while self.status.draining and self.clock() < deadline:
+        while self._draining() and self.clock() < deadline:
             if self._thread is None or not self._thread.is_alive() or self.error is not None:
                 break
             self._stop.wait(0.1)
-        return not self.status.draining
+        return not self._draining()
+
+    def _draining(self) -> bool:
+        return any(relay.draining for relay in list(self.pool.relays.values()))
 
     def _run(self) -> None:
         while not self._stop.is_set():

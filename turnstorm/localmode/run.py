@@ -279,7 +279,7 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
                 if controller.error is not None:
                     break
             code = child.wait()
-            if autoscale and controller.status.draining:
+            if autoscale:
                 # the calls have ended: let the drains already under way finish
                 controller.finish_drains(max(3.0, 3 * timing.interval_seconds))
         finally:
