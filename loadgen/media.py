@@ -107,10 +107,13 @@ class MediaPump:
         self._added += 1
         flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
         if receiver is not None and self._poll is not None:
+            try:
+                self._poll.register(flow.fd, select.EPOLLIN)
+            except FileExistsError:  # a flow on this socket was never removed: take it over
+                self._poll.modify(flow.fd, select.EPOLLIN)
             receiver.detach_reader()
             flow.receiver = receiver
             self._readers[flow.fd] = receiver.read_one
-            self._poll.register(flow.fd, select.EPOLLIN)
         self.wheel.setdefault(slot, []).append(flow)
         self.flows += 1
         if self._greenlet is None or self._greenlet.dead:
