@@ -12,11 +12,11 @@ its place in the batch) is recorded in the ``send_lag`` histogram. The process-w
 A frame is ``seq (4 bytes) + send time (8 bytes, the generator's clock)`` padded to
 ``frame_bytes``. While a flow lasts, the pump also reads its socket (when given the
 client, ``receiver``): after each wake-up's sends it polls one epoll set of every flow's
-socket and reads what is queued, checking for frames falling due every few sockets. An
-echo then costs no hub wake-up or watcher callback of its own, and reading never holds
-a frame back by more than a few datagrams. Each datagram keeps its kernel arrival stamp,
-so the RTT does not depend on when it is read. Control responses on those sockets
-(refreshes during the call) are dispatched by the same read.
+socket and reads one datagram from each ready one, checking for frames falling due
+every few sockets. An echo then costs no hub wake-up or watcher callback of its own, and
+reading never holds a frame back by more than a few datagrams. Each datagram keeps its
+kernel arrival stamp, so the RTT does not depend on when it is read. Control responses on
+those sockets (refreshes during the call) are dispatched by the same read.
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ TICK = 0.0005
 """Seconds between pump wake-ups (and the grid frames are scheduled on)."""
 LEAD = 0.0005
 """Frames due less than this far ahead are sent in the current wake-up (seconds)."""
-READS_PER_TICK = 4
-"""Datagrams read from one flow's socket per wake-up at most (it gets one every
-``interval``; more are left for the next wake-up, stamped with their arrival anyway)."""
 READS_BETWEEN_SENDS = 8
 """Sockets read between two checks for frames falling due."""
 MAX_CATCH_UP = 10
@@ -157,17 +154,15 @@ class MediaPump:
                 self._send(batch, current)
 
     def _read(self) -> None:
-        """Read what the flows' sockets have queued (a few datagrams per socket at most;
-        the rest stays queued, with its arrival stamps, for the next wake-up), sending
-        the frames that fall due meanwhile."""
+        """Read one datagram from each flow socket that has one queued (epoll is
+        level-triggered: the next wake-up reads the rest, with its arrival stamps, and no
+        read ends in a failed ``recvmsg``), sending the frames that fall due meanwhile."""
         readers = self._readers
         offset = time.time() - clock()
         for number, (fd, _) in enumerate(self._poll.poll(0), 1):
             read_one = readers.get(fd)
             if read_one is not None:
-                for _ in range(READS_PER_TICK):
-                    if not read_one(offset):
-                        break
+                read_one(offset)
             if number % READS_BETWEEN_SENDS == 0:
                 self._send_due()
 
