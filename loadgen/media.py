@@ -1,8 +1,9 @@
 """Paced media for many calls from one greenlet: a timer wheel, not a greenlet per packet.
 
 Every call of a process registers its connected UDP socket and channel with the process's
-:class:`MediaPump`. The pump wakes every ``TICK`` (0.5 ms; the hub's timers fire up
-to ~1 ms late), sends every frame due before ``now + LEAD`` with one ``os.write`` per
+:class:`MediaPump`. Frames are due on a grid of ``TICK``-wide slots (1 ms). The pump
+wakes ``LEAD`` (0.5 ms) before each slot is due, as the hub's timers fire a few hundred
+microseconds late, sends every frame due before ``now + LEAD`` with one ``os.write`` per
 datagram on the socket's descriptor (no greenlet switch, no gevent wrapper), and
 schedules the frame after it on a wheel of ``tick``-wide slots. A frame's send-timing
 error ``|sent - scheduled|`` (up to ``LEAD`` early, or late by the wake-up latency plus
@@ -40,10 +41,11 @@ MEDIA_HEADER = struct.Struct("!Id")
 """Media payload header: sequence number and send time (the generator's clock)."""
 CHANNEL_HEADER = struct.Struct("!HHId")
 """ChannelData header (channel, length) followed by the media header: one pack per frame."""
-TICK = 0.0005
-"""Seconds between pump wake-ups (and the grid frames are scheduled on)."""
+TICK = 0.001
+"""Seconds between the slots frames are scheduled on (one pump wake-up per slot)."""
 LEAD = 0.0005
-"""Frames due less than this far ahead are sent in the current wake-up (seconds)."""
+"""The pump wakes this long before a slot is due, and sends the frames due less than this
+far ahead (seconds): the wake-up latency then centres the timing error on zero."""
 READS_BETWEEN_SENDS = 8
 """Sockets read between two checks for frames falling due."""
 MAX_CATCH_UP = 10
@@ -138,7 +140,8 @@ class MediaPump:
             self._send_due()
             if self._readers:
                 self._read()
-            gevent.sleep(self.tick)
+            # wake up LEAD before the next slot is due, not a tick after this wake-up
+            gevent.sleep(max(0.0, self._current * self.tick - LEAD - clock()))
         self._greenlet = None
 
     def _send_due(self) -> None:
