@@ -442,8 +442,8 @@ async def live(cpus: float, knee_calls: int, slo_calls: int, quick: bool) -> Liv
     base_calls = max(10, round(0.6 * knee_calls))
     storm_calls = max(10, round(1.0 * knee_calls))
     hold = 6.0 if quick else 15.0
+    # seconds the policy keeps running after the storm: the calls end, the drains finish
     tail = 12.0 if quick else 16.0
-    """Seconds the policy keeps running after the storm: the calls end, the drains finish."""
     echo, peer = start_echo()
     try:
         with LocalPool(cpus=cpus, cgroup_prefix=f"bench-live-{rng.getrandbits(24):06x}"
