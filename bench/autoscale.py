@@ -19,13 +19,19 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
      metrics.intervalSeconds 1 (the operator scrapes the exporters directly, so a storm
      is seen within seconds), scaleDown window 30 s (a drained relay is put back in
      rotation at once if load returns, so scale-in can start early), drain deadline 900
-     s, scale-in by drain; all of these are TurnPool fields;
+     s, scale-in by drain, placement pack (new calls fill the oldest relays in rotation
+     up to the target before the next takes any: relays started ahead of the storm stay
+     empty until needed, and calls after the storm avoid the relays about to drain); all
+     of these are TurnPool fields;
    * ``hpa-cpu70``: an HPA v2 on cpuUtilization 70 % of the limit, default behaviors
      (up: window 0, max(100 %, 4 pods)/15 s; down: window 300 s, 100 %/15 s), 15 s sync
      period, CPU averaged over 15 s (metrics-server), scale-in deletes the newest pods;
    * ``keda-alloc``: a KEDA ScaledObject on allocations per relay = 80 % of the
      calibrated SLO capacity (the usual headroom), default HPA behaviors, 15 s sync, scale-in
      deletes the newest pods (neither HPA nor KEDA can choose which pod goes).
+
+   The baselines' calls are spread over the relays (least-loaded, as a Service balances
+   them): HPA and KEDA have no say in where a call lands.
 
    Prints per policy and trace: SLO-violation seconds, replica-seconds, allocations cut
    during scale-in, time to recover, and ratios to the best baseline (fewest violation
@@ -365,9 +371,10 @@ def setups(slo_calls: int, max_relays: int) -> list[PolicySetup]:
         PolicySetup("ours", lambda: Autoscaler(
             policy({"allocationsPerRelay": ours}, down_window=30), 1, max_relays,
             StormOptions(lookahead_seconds=30, slope_window_seconds=10)), interval=1,
-            drain=True,
+            drain=True, pack_fill=ours,
             description=f"allocationsPerRelay {ours}, storm lookahead 30 s over a 10 s slope "
-                        "window, interval 1 s, scaleDown window 30 s, drain (deadline 900 s)"),
+                        "window, interval 1 s, scaleDown window 30 s, placement pack, drain "
+                        "(deadline 900 s)"),
         PolicySetup("hpa-cpu70", lambda: Autoscaler(
             policy({"cpuUtilization": 70}), 1, max_relays, StormOptions(enabled=False)),
             interval=15, drain=False,
@@ -463,6 +470,14 @@ async def live(cpus: float, knee_calls: int, slo_calls: int, quick: bool) -> Liv
                 counts = media.load()
                 return min(pool.rotation_addresses(), key=lambda a: counts[a[0]])
 
+            def placed() -> Address:
+                # placement pack: the oldest relay in rotation below the target first
+                counts = media.load()
+                for address in pool.rotation_addresses():
+                    if counts[address[0]] < target:
+                        return address
+                return least_loaded()
+
             async def control(until: float) -> None:
                 nonlocal restarts, peak
                 while time.perf_counter() - t0 < until:
@@ -495,12 +510,12 @@ async def live(cpus: float, knee_calls: int, slo_calls: int, quick: bool) -> Liv
 
             base_durations = [rng.uniform(hold + STORM_SECONDS + 6, hold + STORM_SECONDS + 9)
                               for _ in range(base_calls)]
-            await media.open_many(least_loaded, base_durations)
+            await media.open_many(placed, base_durations)
             controller = asyncio.create_task(control(hold + STORM_SECONDS + tail))
             await asyncio.sleep(3.0)
             marks["storm"] = media.second()
-            # The storm: the calls arrive within STORM_SECONDS, each placed on the
-            # least-loaded relay in rotation at that moment.
+            # The storm: the calls arrive within STORM_SECONDS, each placed as the pool's
+            # balancer would (placement pack) at that moment.
             per_tick = max(1, round(storm_calls / (STORM_SECONDS * 10)))
             opened = 0
             storm_started = time.perf_counter()
@@ -508,7 +523,7 @@ async def live(cpus: float, knee_calls: int, slo_calls: int, quick: bool) -> Liv
                 elapsed = time.perf_counter() - storm_started
                 batch = min(per_tick, storm_calls - opened)
                 asyncio.ensure_future(media.open_many(  # noqa: RUF006
-                    least_loaded, [rng.uniform(hold + STORM_SECONDS - elapsed + 1,
+                    placed, [rng.uniform(hold + STORM_SECONDS - elapsed + 1,
                                                hold + STORM_SECONDS - elapsed + 3)
                                    for _ in range(batch)]))
                 opened += batch

@@ -10,10 +10,15 @@ the clock. Scale-in never deletes a relay with live allocations:
    exactly these pods when ``replicas`` drops;
 3. ``replicas`` drops only when a draining relay's allocations reach 0 or its drain
    deadline passes.
+
+With ``placement: pack`` each evaluation also labels the ready relays outside
+:func:`~turnstorm.policy.open_relays` (oldest pods first) ``turnstorm.io/rotation=standby``
+and those inside it ``active``: new allocations fill the oldest relays first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import socket
 import time
@@ -30,9 +35,10 @@ from turnstorm.operator.render import (
     ROTATION_ACTIVE,
     ROTATION_DRAINING,
     ROTATION_LABEL,
+    ROTATION_STANDBY,
     selector_string,
 )
-from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions
+from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions, open_relays
 from turnstorm.proto import stun
 from turnstorm.spec import TurnPoolSpec
 
@@ -54,6 +60,8 @@ class PodView:
     drain_started: float | None
     deleting: bool
     removed_at: float | None = None
+    created: float | None = None
+    standby: bool = False
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -84,6 +92,8 @@ def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
             drain_started=_parse_time(annotations.get(DRAIN_STARTED)),
             deleting=bool(meta.get("deletionTimestamp")),
             removed_at=_parse_time(annotations.get(REMOVED_AT)),
+            created=_parse_time(meta.get("creationTimestamp")),
+            standby=labels.get(ROTATION_LABEL) == ROTATION_STANDBY,
         ))
     return sorted(views, key=lambda v: v.name)
 
@@ -272,6 +282,8 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         events.append(("Normal" if sample.allocations == 0 else "Warning", "Remove",
                        f"relay {name} removed: {why}"))
 
+    standby = _place(kube, spec, views, by_name, decision)
+
     draining = [s for s in samples if s.draining and s.name not in decision.undrain
                 and s.name not in decision.remove]
     draining_names = [s.name for s in draining] + [n for n in decision.drain
@@ -297,11 +309,47 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         ] + [{"name": n, "since": iso(wall), "allocations": int(_allocs(by_name[n]))}
              for n in decision.drain if not n.startswith("(pending")],
     }
+    if spec.scaling.pack_fill is not None or any(v.standby for v in views):
+        status["standbyRelays"] = standby
     if new_replicas != replicas:
         status["lastScaleTime"] = iso(wall)
     probes = {s.name: s.signals.get("probe_rtt_ms") for s in samples
               if not s.name.startswith("(pending") and s.ready}
     return ScaleOutcome(decision, new_replicas, status, events, probes)
+
+
+def _place(kube: Kube, spec: TurnPoolSpec, views: list[PodView],
+           by_name: dict[str, RelaySample], decision: Decision) -> list[str]:
+    """Label the relays staying in rotation ``active`` or ``standby`` as the placement
+    says; returns the standby relays. Spread (or no allocation target): all active."""
+    leaving = set(decision.drain) | set(decision.remove)
+    staying = [v for v in sorted(views, key=lambda v: (v.created or 0.0, v.name))
+               if v.name in by_name and v.name not in leaving and not v.deleting
+               and (not v.draining or v.name in decision.undrain)]
+    fill = spec.scaling.pack_fill
+    if fill is None:
+        opened = {v.name for v in staying}
+    else:
+        # (relays undrained by this evaluation are back in rotation)
+        candidates = [dataclasses.replace(by_name[v.name], draining=False)
+                      for v in staying if v.ready]
+        opened = set(open_relays(candidates, fill, spec.scaling.pack_headroom,
+                                 spec.scaling.targets))
+        opened |= {v.name for v in staying if not v.ready}
+    standby = []
+    for view in staying:
+        if view.name in decision.undrain:
+            continue  # labelled active above
+        if view.name in opened:
+            if view.standby:
+                kube.patch_pod_metadata(spec.namespace, view.name,
+                                        {ROTATION_LABEL: ROTATION_ACTIVE}, {})
+        else:
+            standby.append(view.name)
+            if not view.standby:
+                kube.patch_pod_metadata(spec.namespace, view.name,
+                                        {ROTATION_LABEL: ROTATION_STANDBY}, {})
+    return standby
 
 
 def _allocs(sample: RelaySample) -> int:

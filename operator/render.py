@@ -29,6 +29,8 @@ POOL_LABEL = "turnstorm.io/pool"
 ROTATION_LABEL = "turnstorm.io/rotation"
 ROTATION_ACTIVE = "active"
 ROTATION_DRAINING = "draining"
+ROTATION_STANDBY = "standby"
+"""placement pack: ready, not draining, kept out of the client Service until needed."""
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 CONFIG_HASH = "turnstorm.io/config-hash"
 CLI_PORT = 5766

@@ -22,6 +22,16 @@ drops UDP datagrams.
 Scale-down never removes a relay with live allocations: the relays with the fewest
 allocations are *drained* (taken out of rotation) and removed only when their
 allocations reach zero or the drain deadline passes.
+
+Placement (``spec.scaling.placement``): with ``pack``, new allocations fill the oldest
+relays up to the ``allocationsPerRelay`` target before the next relay takes any. A
+drained relay can only leave when its last call ends, so every relay that takes calls
+costs at least the length of its longest call: packing keeps the relays started ahead of
+a storm empty until they are really needed (removed at no cost when they are not), and
+sends the calls that come after a storm to the relays that stay, not to those about to
+drain. The local mode's balancer packs call by call; the operator approximates it with
+:func:`open_relays` (relays outside that set wait out of the Service, label
+``turnstorm.io/rotation=standby``).
 """
 
 from __future__ import annotations
@@ -298,3 +308,45 @@ class Autoscaler:
                 limit = max(limit, start - down.pods)
             return min(count, max(desired, limit))
         return desired
+
+
+def saturated(relay: RelaySample, targets: dict[str, float]) -> bool:
+    """A relay that should take no more calls now, whatever its allocation count: a
+    signal other than allocations at or over its target (``SIGNALS`` names), or the
+    kernel dropping its datagrams."""
+    for name, target in targets.items():
+        signal = SIGNALS.get(name)
+        if signal is None or signal == "allocations":
+            continue
+        value = relay.signals.get(signal)
+        if value is not None and value >= target:
+            return True
+    return (relay.signals.get("udp_rcvbuf_errors") or 0.0) > 0
+
+
+def open_relays(relays: list[RelaySample], fill: float, headroom: float,
+                targets: dict[str, float] | None = None) -> list[str]:
+    """``pack`` placement through rotation: the relays new allocations may go to.
+
+    ``relays`` come oldest first. The answer is the oldest ready, non-draining relays
+    below ``fill`` allocations and not :func:`saturated` (on ``targets``, the policy's),
+    taken until their free room (``fill`` minus allocations) adds up to
+    ``headroom * fill``. When all of them together have less room than that, or a
+    relay's allocations are unknown, every ready non-draining relay is open (never
+    guess: a relay kept out on missing data could leave the others overloaded).
+    """
+    ready = [r for r in relays if r.ready and not r.draining]
+    if any(r.allocations is None for r in ready):
+        return [r.name for r in ready]
+    wanted = headroom * fill
+    chosen: list[str] = []
+    room = 0.0
+    for relay in ready:
+        allocations = relay.allocations or 0.0
+        if allocations >= fill or saturated(relay, targets or {}):
+            continue
+        chosen.append(relay.name)
+        room += fill - allocations
+        if room >= wanted:
+            return chosen
+    return [r.name for r in ready]

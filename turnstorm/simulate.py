@@ -16,7 +16,9 @@ plateau, then back down). Call durations are log-normal, capped at ``max_duratio
    ``restart_loss`` of its packets for ``restart_after`` seconds re-allocate (an ICE
    restart) on the least-loaded relay in rotation, when that relay is less loaded;
 3. arriving sessions are placed on the least-loaded ready relay in rotation (rejected
-   when there is none);
+   when there is none), or, for a setup with ``pack_fill`` (``placement: pack``), on the
+   oldest relay in rotation with fewer than ``pack_fill`` sessions (least-loaded when all
+   are that full);
 4. each relay's offered load ``lambda`` (relayed packets/s) gives its utilization
    ``rho = lambda / mu``, loss, p99 RTT and CPU from the queueing model below;
 5. the pool's second violates the SLO when its packet-weighted p99 RTT exceeds
@@ -218,6 +220,9 @@ class PolicySetup:
     """True: drain then remove; False: delete the newest relays at once (HPA/KEDA)."""
     cpu_window: int = 15
     """CPU is read averaged over this many seconds (metrics-server's resolution)."""
+    pack_fill: float | None = None
+    """``placement: pack``: sessions fill the oldest relays up to this many each (the
+    allocation target); None spreads them (least-loaded, as a Service balances)."""
     description: str = ""
 
 
@@ -334,6 +339,13 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         candidates = rotation(now)
         if not candidates:
             return False
+        fill = setup.pack_fill
+        if fill is not None:
+            # dict order is start order: the oldest relay with room first.
+            for relay in candidates:
+                if len(relay.sessions) < fill:
+                    relay.sessions[sid] = end
+                    return True
         target = min(candidates, key=lambda r: (r.load(pps), r.index))
         target.sessions[sid] = end
         return True

@@ -223,6 +223,18 @@ class ScalingPolicy:
     lookahead_seconds: float = 30.0
     port_headroom: float = 0.9
     slope_window_seconds: float = 30.0
+    placement: str = "spread"
+    """``pack`` or ``spread``: where new allocations land (see :mod:`turnstorm.policy`)."""
+    pack_headroom: float = 0.5
+    """``pack`` through rotation labels: free room kept in rotation, in relays' targets."""
+
+    @property
+    def pack_fill(self) -> float | None:
+        """Allocations a relay is filled to before the next one takes new calls
+        (``pack``: the ``allocationsPerRelay`` target), else None (spread)."""
+        if self.placement != "pack":
+            return None
+        return self.targets.get("allocationsPerRelay")
 
 
 @dataclass
@@ -315,6 +327,8 @@ def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
             lookahead_seconds=float(sc["storm"]["lookaheadSeconds"]),
             port_headroom=sc["storm"]["portHeadroomPercent"] / 100,
             slope_window_seconds=float(sc["storm"]["slopeWindowSeconds"]),
+            placement=sc["placement"]["mode"],
+            pack_headroom=sc["placement"]["headroomPercent"] / 100,
         ),
         metrics_source=s["metrics"]["source"],
         prometheus_url=s["metrics"].get("prometheusURL"),

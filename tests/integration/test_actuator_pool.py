@@ -177,3 +177,52 @@ async def test_controller_finishes_a_drain_once_its_calls_end(cgroups_root: str)
         assert controller.error is None
         assert list(pool.relays) == [a.name] and controller.removed_relays == 1
         assert pool.allocations_cut == 0
+
+
+def test_controller_publishes_pack_placement_and_saturated_relays(
+        cgroups_root: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from turnstorm.localmode.control import Controller
+    from turnstorm.localmode.rotation import Rotation
+    from turnstorm.policy import Autoscaler, StormOptions
+    from turnstorm.spec import ScalingBehavior, ScalingPolicy
+
+    path = str(Path(str(tmp_path)) / "rotation.json")
+
+    def controller(pool: LocalPool, targets: dict[str, float]) -> Controller:
+        policy = ScalingPolicy(enabled=True, tolerance=0.1, targets=targets,
+                               scale_up=ScalingBehavior(0, 100, 4, 15),
+                               scale_down=ScalingBehavior(300, 100, 0, 15),
+                               drain_deadline_seconds=900, placement="pack")
+        return Controller(pool, Autoscaler(policy, 2, 2, StormOptions(enabled=False)),
+                          Rotation(path), interval=0.2, time_scale=1.0, apply=True,
+                          fill=policy.pack_fill, processes=2)
+
+    with LocalPool(cpus=0.5) as pool:
+        a, b = pool.start_relay(), pool.start_relay()
+        # A CPU target of 0 makes every relay saturated: both are published as full.
+        saturating = controller(pool, {"allocationsPerRelay": 4, "cpuUtilization": 0})
+        saturating.publish()
+        saturating.step()
+        time.sleep(0.3)
+        saturating.step()  # CPU is a rate: known from the second sample on
+        reader = Rotation(path)
+        assert [u.host for u in reader.current()] == [a.host, b.host]
+        assert reader.fill == 2  # 4 per relay over 2 Locust processes
+        assert reader.full == {a.uri, b.uri}
+        # Allocations alone: nothing saturated, the oldest relay is packed first.
+        packing = controller(pool, {"allocationsPerRelay": 4})
+        packing._full = saturating._full
+        packing.step()
+        time.sleep(0.3)
+        packing.step()
+        os.utime(path, ns=(1, 1))
+        assert len(reader.current()) == 2 and reader.full == frozenset()
+        picks = []
+        for _ in range(3):
+            uri = reader.pick()
+            assert uri is not None
+            reader.acquire(uri)
+            picks.append(uri.host)
+        assert picks == [a.host, a.host, b.host]

@@ -225,3 +225,57 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
             for client in group:
                 loop.run_until_complete(client.aclose())
         loop.close()
+
+
+def test_pack_placement_keeps_the_younger_relay_on_standby_until_needed(
+        control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
+    for host, relay in zip(HOSTS, relays.relays, strict=True):
+        _ports[host] = relay.port
+    create_secret(control_plane, "pack-auth", namespace)
+    doc = pool_doc("pack", namespace, relays.exporter_port)
+    doc["spec"]["replicas"] = {"min": 2, "max": 2, "target": 2}
+    # fill 4 per relay; keep 2 allocations' worth of room in rotation
+    doc["spec"]["scaling"]["placement"] = {"mode": "pack", "headroomPercent": 50}
+    loop = asyncio.new_event_loop()
+    clients: list[TurnClient] = []
+
+    def rotation(pod: str) -> str | None:
+        found = get(control_plane, "pod", pod, namespace) or {}
+        label: str | None = found.get("metadata", {}).get("labels", {}).get(
+            "turnstorm.io/rotation")
+        return label
+
+    try:
+        with running_operator():
+            control_plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+            wait_for(lambda: get(control_plane, "deployment", "pack", namespace), timeout=30,
+                     what="Deployment")
+            pods = [make_pod(control_plane, doc, i, ip) for i, ip in enumerate(HOSTS)]
+            # Both empty: the oldest relay has room enough, the other waits out of the
+            # client Service.
+            wait_for(lambda: rotation(pods[1]) == "standby", timeout=30,
+                     what=lambda: f"{pods[1]} on standby: {rotation(pods[1])}")
+            assert rotation(pods[0]) == "active"
+            wait_for(lambda: pool_status(control_plane, "pack", namespace)
+                     .get("standbyRelays") == [pods[1]], timeout=10,
+                     what=lambda: f"status standbyRelays: "
+                                  f"{pool_status(control_plane, 'pack', namespace)}")
+            # 3 calls on the oldest: 1 of its 4 left, under the 2 wanted: the next opens.
+            clients = loop.run_until_complete(allocate(HOSTS[0], relays.secret, 3))
+            wait_for(lambda: rotation(pods[1]) == "active", timeout=30,
+                     what=lambda: f"{pods[1]} back in rotation: {rotation(pods[1])}")
+            assert rotation(pods[0]) == "active"
+            wait_for(lambda: pool_status(control_plane, "pack", namespace)
+                     .get("standbyRelays") == [], timeout=10, what="no standby relay")
+            dep = get(control_plane, "deployment", "pack", namespace)
+            assert dep is not None and dep["spec"]["replicas"] == 2
+            # The calls end: the younger relay goes back on standby.
+            for client in clients:
+                loop.run_until_complete(client.aclose())
+            clients = []
+            wait_for(lambda: rotation(pods[1]) == "standby", timeout=30,
+                     what="back on standby once the calls ended")
+    finally:
+        for client in clients:
+            loop.run_until_complete(client.aclose())
+        loop.close()

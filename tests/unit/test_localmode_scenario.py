@@ -14,6 +14,7 @@ from turnstorm.localmode.report import format_table, table_rows
 from turnstorm.localmode.rotation import Rotation
 from turnstorm.localmode.scenario import ScenarioError, load_scenario, parse_scenario
 from turnstorm.localmode.series import percentile_ms, std_ms
+from turnstorm.uri import parse_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "scenarios"
@@ -138,6 +139,34 @@ def test_rotation_least_connections(tmp_path: Path) -> None:
     assert third is not None and third.host == "127.0.0.4"
     reader.release(first)
     assert reader.active == {str(second): 1}
+
+
+def test_rotation_pack_fills_the_oldest_relay_first(tmp_path: Path) -> None:
+    path = str(tmp_path / "rotation.json")
+    relays = ["turn:127.0.0.2:3478", "turn:127.0.0.3:3478", "turn:127.0.0.4:3478"]
+    writer = Rotation(path)
+    # fill 6 over 2 Locust processes: 3 calls of this process per relay
+    writer.publish(relays, fill=6, processes=2)
+    reader = Rotation(path)
+    hosts = []
+    for _ in range(7):
+        uri = reader.pick()
+        assert uri is not None
+        reader.acquire(uri)
+        hosts.append(uri.host)
+    assert hosts == ["127.0.0.2"] * 3 + ["127.0.0.3"] * 3 + ["127.0.0.4"]
+    # A saturated relay is skipped even below its fill; a call ending makes room again.
+    writer.publish(relays, fill=6, processes=2, full=frozenset([relays[2]]))
+    os.utime(path, ns=(2, 2))
+    reader.release(parse_uri(relays[0]))
+    assert str(reader.pick()) == str(parse_uri(relays[0]))
+    reader.acquire(parse_uri(relays[0]))
+    # every relay full or saturated: least connections (127.0.0.4 has 1 call)
+    assert str(reader.pick()) == str(parse_uri(relays[2]))
+    # spread again
+    writer.publish(relays)
+    os.utime(path, ns=(3, 3))
+    assert reader.pick() is not None and reader.fill is None and not reader.full
 
 
 def test_interval_statistics() -> None:

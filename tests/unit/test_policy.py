@@ -234,3 +234,58 @@ def test_missing_data_never_scales_down_even_after_the_window() -> None:
         assert decision.desired == 4
         assert decision.drain == []
     assert decision.reason == "no signal data: holding size"
+
+
+# -- placement pack ---------------------------------------------------------------------------
+
+OPEN_CASES = [
+    # (name, allocations oldest first, fill, headroom, expected open relays)
+    ("oldest with room first", [40, 0, 0], 100, 0.5, ["r0"]),
+    ("a nearly full relay brings in the next", [80, 10, 0], 100, 0.5, ["r0", "r1"]),
+    ("full relays are skipped", [100, 120, 30, 0], 100, 0.5, ["r2"]),
+    ("not enough room anywhere: all open", [95, 98, 99], 100, 0.5, ["r0", "r1", "r2"]),
+    ("unknown allocations: all open", [10, None, 0], 100, 0.5, ["r0", "r1", "r2"]),
+    ("a larger headroom opens more", [40, 0, 0], 100, 1.0, ["r0", "r1"]),
+]
+
+
+@pytest.mark.parametrize("case", OPEN_CASES, ids=[c[0] for c in OPEN_CASES])
+def test_open_relays(case: tuple[str, list[float | None], float, float, list[str]]) -> None:
+    from turnstorm.policy import open_relays
+
+    _, allocations, fill, headroom, expected = case
+    assert open_relays(relays(*allocations), fill, headroom) == expected
+
+
+def test_open_relays_skip_draining_unready_and_saturated_relays() -> None:
+    from turnstorm.policy import open_relays, saturated
+
+    samples = relays(10, 10, 10, 10, cpu_percent=[20.0, 95.0, 20.0, 20.0],
+                     udp_rcvbuf_errors=[0.0, 0.0, 3.0, 0.0])
+    targets = {"allocationsPerRelay": 100.0, "cpuUtilization": 70.0}
+    assert not saturated(samples[0], targets)
+    assert saturated(samples[1], targets)  # CPU over its target
+    assert saturated(samples[2], targets)  # the kernel drops its datagrams
+    samples.insert(0, RelaySample("starting", ready=False, signals={"allocations": 0.0}))
+    samples.insert(0, RelaySample("leaving", draining=True, signals={"allocations": 1.0}))
+    assert open_relays(samples, 100.0, 0.5, targets) == ["r0"]
+    # Without the CPU target only the drops make a relay saturated.
+    assert open_relays(samples, 100.0, 2.5, {"allocationsPerRelay": 100.0}) == [
+        "r0", "r1", "r3"]
+
+
+def test_placement_comes_from_the_turnpool() -> None:
+    from turnstorm.spec import turnpool_from_object
+
+    def scaling(extra: dict[str, object]) -> ScalingPolicy:
+        return turnpool_from_object({
+            "apiVersion": "turnstorm.io/v1alpha1", "kind": "TurnPool",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"realm": "r.example", "authSecretRef": {"name": "s"},
+                     "scaling": extra}}).scaling
+
+    default = scaling({})
+    assert default.placement == "spread" and default.pack_fill is None
+    packed = scaling({"placement": {"mode": "pack", "headroomPercent": 30},
+                      "targets": {"allocationsPerRelay": 200}})
+    assert (packed.pack_fill, packed.pack_headroom) == (200.0, 0.3)

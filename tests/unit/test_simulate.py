@@ -121,3 +121,40 @@ def test_drain_deadline_cuts_what_is_left() -> None:
                           interval=5, drain=True)
     result = simulate(scale_in_trace(), MODEL, hurried, SimConfig(initial=4))
     assert result.allocations_cut > 0
+
+
+def test_pack_placement_fills_the_oldest_relays_and_frees_the_others() -> None:
+    # 4 relays up, 100 calls of 300 s arriving over the first 50 s, target 180 per relay.
+    trace = Trace("slow", [Session(t // 2, 300) for t in range(100)], 400, 0)
+    config = SimConfig(initial=4, startup=15)
+
+    def run(pack: float | None) -> tuple[int, list[str]]:
+        scaler = PolicySetup("p", lambda: Autoscaler(policy(180, 60), 1, 12, StormOptions()),
+                             interval=5, drain=True, pack_fill=pack)
+        result = simulate(trace, MODEL, scaler, config)
+        assert result.allocations_cut == 0
+        return result.replica_seconds, result.events
+
+    packed, packed_events = run(180)
+    spread, spread_events = run(None)
+    # Packed: every call on relay-0, the three others drained empty and removed at once.
+    assert [e.split()[-2] for e in packed_events if " drain " in e] == ["(0", "(0", "(0"]
+    assert not [e for e in packed_events if " drain relay-0" in e]
+    # Spread: the drained relays carry calls and live until those end (t >= 300).
+    assert all(e.split()[-2] != "(0" for e in spread_events if " drain " in e)
+    assert packed < spread * 0.5
+
+
+def test_pack_placement_costs_fewer_replica_seconds_through_a_storm() -> None:
+    trace = reconnect_storm(1, subscribers=4000, share=0.25, window=60, background=300)
+    config = SimConfig(max_replicas=12)
+
+    def run(pack: float | None) -> int:
+        storm = StormOptions(lookahead_seconds=30, slope_window_seconds=10)
+        scaler = PolicySetup("p", lambda: Autoscaler(policy(200, 30), 1, 12, storm),
+                             interval=1, drain=True, pack_fill=pack)
+        result = simulate(trace, MODEL, scaler, config)
+        assert result.allocations_cut == 0
+        return result.replica_seconds
+
+    assert run(200) < 0.9 * run(None)

@@ -25,7 +25,7 @@ from typing import Any
 from turnstorm.actuator import LocalPool
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.rotation import Rotation
-from turnstorm.policy import Autoscaler, Decision, RelaySample
+from turnstorm.policy import Autoscaler, Decision, RelaySample, saturated
 
 NOTE_EVERY = 5.0
 """Seconds between the fixed pool's "the policy would want N" notes."""
@@ -73,6 +73,11 @@ class Controller:
     error: BaseException | None = None
     on_new_relay: Callable[[int], None] | None = None
     """Called with the pid of every relay the controller starts."""
+    fill: float | None = None
+    """``placement: pack``: calls each relay is packed with (published with the
+    rotation); None spreads them."""
+    processes: int = 1
+    """Locust processes the calls are split over (each packs its share of ``fill``)."""
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -80,9 +85,23 @@ class Controller:
         self._started = self.clock()
         self._last = self._started
         self._last_note = -NOTE_EVERY
+        self._full: frozenset[str] = frozenset()
         count = len(self.pool.relays)
         self.status.active = self.status.max_active = self.status.min_active = count
         self.status.desired = count
+
+    def publish(self, full: frozenset[str] = frozenset()) -> None:
+        """Hand the pool's rotation (start order) and placement to the load generator;
+        ``full``: the relays (URIs) packing must skip."""
+        self._full = full
+        self.rotation.publish(self.pool.rotation(), self.fill, self.processes, full)
+
+    def _saturated(self, samples: list[RelaySample]) -> frozenset[str]:
+        if self.fill is None:
+            return frozenset()
+        targets = self.autoscaler.policy.targets
+        return frozenset(self.pool.relays[s.name].uri for s in samples
+                         if s.name in self.pool.relays and saturated(s, targets))
 
     def start(self) -> Controller:
         self._started = self._last = self.clock()
@@ -138,8 +157,10 @@ class Controller:
                     self.on_new_relay(pid)
             self.removed_relays += len(done["removed"])
             self.drained_relays += len(done["drained"])
+            full = self._saturated(samples)
+            if any(done.values()) or full != self._full:
+                self.publish(full)
             if any(done.values()):
-                self.rotation.publish(self.pool.rotation())
                 actions = ", ".join(f"{verb} {' '.join(names)}"
                                     for verb, names in done.items() if names)
                 self._event(now, f"{actions}: {decision.reason}")

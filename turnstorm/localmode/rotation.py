@@ -4,7 +4,14 @@ The loadgen's users pick their relay once, when the user starts
 (``targets[number % len(targets)]``), and keep it for every call. In the local mode the
 autoscaler adds and drains relays while the users run, so every *call* picks again:
 the relay in rotation with the fewest calls of this process in progress (a
-least-connections balancer, like IPVS ``lc``), ties broken round-robin.
+least-connections balancer, like IPVS ``lc``), ties broken round-robin. With a *fill*
+(the pool's ``placement: pack``), the oldest relay in rotation (the rotation lists relays
+in start order) with fewer than its share of ``fill`` calls of this process in progress
+comes first, skipping the relays the controller marks *full* (saturated on a signal other
+than allocations, see :func:`turnstorm.policy.saturated`); least-connections once every
+relay is that full. Each of ``processes``
+Locust processes runs about the same share of the users, so its share of ``fill`` is
+``fill / processes``.
 
 The orchestrator publishes the rotation with :meth:`Rotation.publish`; in the same
 process the users see it at once. Locust worker processes (``--workers``) find it in a
@@ -31,18 +38,28 @@ class Rotation:
     def __init__(self, path: str | None = None) -> None:
         self.path = path
         self._uris: list[ServerUri] = []
+        self.fill: float | None = None
+        """Calls of this process a relay is packed with before the next one is used."""
+        self.full: frozenset[str] = frozenset()
+        """Relays (URIs) packing skips: saturated whatever their call count."""
         self._stamp: tuple[int, int, int] | None = None
         self.active: dict[str, int] = {}
         self._turn = 0
 
-    def publish(self, uris: list[str]) -> None:
+    def publish(self, uris: list[str], fill: float | None = None, processes: int = 1,
+                full: frozenset[str] = frozenset()) -> None:
+        """The relays in rotation, oldest first; ``fill``: pack each with that many calls
+        (split over ``processes`` Locust processes) before the next, skipping ``full``;
+        None: spread."""
         self._uris = [parse_uri(u) for u in uris]
+        self.fill = None if fill is None else fill / max(1, processes)
+        self.full = frozenset(str(parse_uri(u)) for u in full)
         if self.path is None:
             return
         directory = os.path.dirname(self.path) or "."
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".rotation-")
         with os.fdopen(fd, "w", encoding="utf8") as handle:
-            json.dump(uris, handle)
+            json.dump({"relays": uris, "fill": self.fill, "full": sorted(self.full)}, handle)
         os.replace(temporary, self.path)
         self._stamp = self._stat()
 
@@ -60,9 +77,13 @@ class Rotation:
         if stamp is not None and stamp != self._stamp and self.path is not None:
             try:
                 with open(self.path, encoding="utf8") as handle:
-                    self._uris = [parse_uri(u) for u in json.load(handle)]
+                    data = json.load(handle)
+                self._uris = [parse_uri(u) for u in data["relays"]]
+                fill = data.get("fill")
+                self.fill = float(fill) if fill is not None else None
+                self.full = frozenset(str(parse_uri(u)) for u in data.get("full", []))
                 self._stamp = stamp
-            except (OSError, ValueError):
+            except (OSError, ValueError, KeyError, TypeError):
                 pass  # half-visible update: keep the previous rotation
         return self._uris
 
@@ -70,6 +91,11 @@ class Rotation:
         uris = self.current()
         if not uris:
             return None
+        if self.fill is not None:
+            for uri in uris:
+                key = str(uri)
+                if key not in self.full and self.active.get(key, 0) < self.fill:
+                    return uri
         self._turn += 1
         n = len(uris)
         best = min(range(n), key=lambda i: (self.active.get(str(uris[i]), 0),

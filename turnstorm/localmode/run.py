@@ -243,11 +243,15 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
             member = pool.start_relay()
             if member.pid is not None:
                 boost(member.pid)
-        rotation.publish(pool.rotation())
         autoscaler = Autoscaler(spec.scaling, spec.min_replicas, spec.max_replicas,
                                 StormOptions.from_policy(spec.scaling))
+        # The fixed pool spreads its calls (what a Service does); the autoscaled one
+        # places them as its TurnPool says (pack by default).
         controller = Controller(pool, autoscaler, rotation, timing.interval_seconds,
-                                timing.time_scale, apply=autoscale, on_new_relay=boost)
+                                timing.time_scale, apply=autoscale, on_new_relay=boost,
+                                fill=spec.scaling.pack_fill if autoscale else None,
+                                processes=max(1, options.workers))
+        controller.publish()
         label = "fixed pool" if phase == "fixed" else "autoscaled pool"
         sizes = (f"{spec.min_replicas}-{spec.max_replicas} relays" if autoscale
                  else f"{spec.min_replicas} relay{'s' if spec.min_replicas != 1 else ''}")
