@@ -138,6 +138,7 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
     metrics.DESIRED.labels(*labels).set(outcome.decision.desired)
     metrics.DEPLOYMENT.labels(*labels).set(outcome.replicas)
     metrics.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
+    metrics.STANDBY.labels(*labels).set(len(outcome.status.get("standbyRelays", [])))
     for signal, ratio in outcome.decision.ratios.items():
         metrics.SATURATION.labels(*labels, signal).set(ratio)
     for action in SCALE_ACTIONS:  # zero series first, so increase() sees the first event

@@ -15,6 +15,8 @@ turnstorm_operator_desired_relays              gauge      desired relays, labels
 turnstorm_operator_deployment_relays           gauge      Deployment replicas (desired plus
                                                           draining)
 turnstorm_operator_draining_relays             gauge      relays out of rotation, draining
+turnstorm_operator_standby_relays              gauge      placement pack: ready relays kept out
+                                                          of the client Service until needed
 turnstorm_operator_saturation_ratio            gauge      signal value / target, labels
                                                           ``namespace``, ``pool``, ``signal``
 turnstorm_operator_scale_events_total          counter    scaling actions, labels ``namespace``,
@@ -45,6 +47,8 @@ DEPLOYMENT = Gauge("turnstorm_operator_deployment_relays",
                    "Deployment replicas (desired plus draining)", ["namespace", "pool"])
 DRAINING = Gauge("turnstorm_operator_draining_relays", "Relays draining",
                  ["namespace", "pool"])
+STANDBY = Gauge("turnstorm_operator_standby_relays", "Relays on standby (placement pack)",
+                ["namespace", "pool"])
 SATURATION = Gauge("turnstorm_operator_saturation_ratio", "Signal value over its target",
                    ["namespace", "pool", "signal"])
 SCALE_EVENTS = Counter("turnstorm_operator_scale_events", "Scaling actions",
