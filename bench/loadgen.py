@@ -229,10 +229,12 @@ class MediaRun:
         return self.send_errors + self.drops
 
     def row(self, name: str) -> str:
+        lag = self.lag
         return (f"{name:<34}{self.sessions:>6} sessions  cpu {self.cpu_fraction:6.1%}  "
                 f"{self.sessions / self.cpu_fraction:7.0f}/core  lag p99 "
-                f"{self.lag.percentile_ms(99):6.3f} ms  sent {self.sent} echoed "
-                f"{self.received}  generator loss {self.generator_loss}  waited for a CPU "
+                f"{lag.percentile_ms(99):6.3f} ms (p50 {lag.percentile_ms(50):.3f}, p99.9 "
+                f"{lag.percentile_ms(99.9):.3f})  sent {self.sent} echoed {self.received}  "
+                f"generator loss {self.generator_loss}  waited for a CPU "
                 f"{self.waited / self.seconds:.1%} of the time")
 
 
@@ -257,7 +259,7 @@ def pump_media(calls: list[Call], seconds: float) -> MediaRun:
     fds = [call.client.sock.fileno() for call in calls]
     drops0 = socket_drops(fds)
     flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
-                      receiver=call.client)
+                      receiver=call.client, on_echo=call.stream.on_echo)
              for call in calls]
     gevent.sleep(0.5)  # every flow is on the wheel; measure the steady state
     state.send_lag = Histogram()
@@ -450,7 +452,7 @@ def bench_cpu_per_message(relay: LocalRelay, peer: tuple[str, int], sessions: in
     state = type("PumpState", (), {"send_lag": Histogram(), "limiter": None})()
     pump = MediaPump(state)
     flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
-                      receiver=call.client)
+                      receiver=call.client, on_echo=call.stream.on_echo)
              for call in calls]
     while any(flow.sent < messages for flow in flows):
         for flow in flows:

@@ -1,14 +1,20 @@
 """Paced media for many calls from one greenlet: a timer wheel, not a greenlet per packet.
 
 Every call of a process registers its connected UDP socket and channel with the process's
-:class:`MediaPump`. Frames are due on a grid of ``TICK``-wide slots (1 ms). The pump
-wakes ``LEAD`` (0.5 ms) before each slot is due, as the hub's timers fire a few hundred
-microseconds late, sends every frame due before ``now + LEAD`` with one ``os.write`` per
-datagram on the socket's descriptor (no greenlet switch, no gevent wrapper), and
-schedules the frame after it on a wheel of ``tick``-wide slots. A frame's send-timing
-error ``|sent - scheduled|`` (up to ``LEAD`` early, or late by the wake-up latency plus
-its place in the batch) is recorded in the ``send_lag`` histogram. The process-wide
-``--max-pps`` limiter is charged once per batch.
+:class:`MediaPump`. Frames are due on a grid of ``TICK``-wide slots (2 ms). The pump
+wakes ``LEAD`` (0.2 ms) before the next slot with frames is due, sends every frame due
+before ``now + LEAD`` with one ``os.write`` per datagram on the socket's descriptor (no
+greenlet switch, no gevent wrapper), and schedules the frame after it on a wheel of
+``tick``-wide slots. A frame's send-timing error ``|sent - scheduled|`` (up to ``LEAD``
+early, or late by the wake-up latency plus its place in the batch) is recorded in the
+``send_lag`` histogram. The process-wide ``--max-pps`` limiter is charged once per batch.
+
+The hub's timers cannot wake the pump that precisely: libev (and libuv) wait in
+``epoll_wait``, whose timeout is whole milliseconds, so a 0.4 ms sleep returns about
+0.7 ms late. The pump therefore waits through the hub only for the part of a wait beyond
+``COARSE`` (2 ms); after yielding once to the hub (its ready greenlets and I/O run) it
+waits out the rest (under ``COARSE``) in a real ``select()``, which takes a microsecond
+timeout. Other greenlets of the process are held back by at most that rest.
 
 A frame is ``seq (4 bytes) + send time (8 bytes, the generator's clock)`` padded to
 ``frame_bytes``. While a flow lasts, the pump also reads its socket (when given the
@@ -17,7 +23,10 @@ socket and reads one datagram from each ready one, checking for frames falling d
 every few sockets. An echo then costs no hub wake-up or watcher callback of its own, and
 reading never holds a frame back by more than a few datagrams. Each datagram keeps its
 kernel arrival stamp, so the RTT does not depend on when it is read. Control responses on
-those sockets (refreshes during the call) are dispatched by the same read.
+those sockets (refreshes during the call) are dispatched by the same read. Given the
+flow's echo consumer (``on_echo``), the pump unpacks an echoed frame itself (ChannelData
+header, sequence, send time in one unpack) and hands it over with no copy of the payload;
+anything else goes to the client's :meth:`~turnstorm.loadgen.wire.UdpClient.dispatch`.
 """
 
 from __future__ import annotations
@@ -35,21 +44,33 @@ import gevent
 from gevent import monkey
 
 from turnstorm.loadgen.metrics import Histogram
-from turnstorm.loadgen.wire import clock
+from turnstorm.loadgen.wire import ANCILLARY_SIZE, TIMESPEC, clock
 
 MEDIA_HEADER = struct.Struct("!Id")
 """Media payload header: sequence number and send time (the generator's clock)."""
 CHANNEL_HEADER = struct.Struct("!HHId")
 """ChannelData header (channel, length) followed by the media header: one pack per frame."""
-TICK = 0.001
-"""Seconds between the slots frames are scheduled on (one pump wake-up per slot)."""
-LEAD = 0.0005
+TICK = 0.002
+"""Seconds between the slots frames are scheduled on (one pump wake-up per slot; it
+divides the 20 ms frame interval). Coarser slots mean larger batches: fewer wake-ups of
+the pump, and of the relay's threads by each batch, against a longer batch to send."""
+LEAD = 0.0002
 """The pump wakes this long before a slot is due, and sends the frames due less than this
 far ahead (seconds): the wake-up latency then centres the timing error on zero."""
+COARSE = 0.002
+"""Waits longer than this (seconds) go through the hub's timers, in whole milliseconds,
+until this much is left; the rest is a precise ``select()`` timeout."""
+_select = monkey.get_original("select", "select")
 READS_BETWEEN_SENDS = 8
 """Sockets read between two checks for frames falling due."""
 MAX_CATCH_UP = 10
 """A call more than this many frames behind (overload) skips ahead instead of bursting."""
+MIN_RECV_SIZE = 4096
+"""Receive buffer of a flow's socket read by the pump (larger frames get frame + 64)."""
+
+EchoHandler = Callable[[int, float, float, int], None]
+"""``on_echo(seq, sent, received, size)``: an echoed frame's sequence number, send time,
+arrival time (the :func:`clock`) and payload size."""
 
 
 @dataclass(eq=False)
@@ -90,16 +111,19 @@ class MediaPump:
         self._current = 0
         """The next wheel slot to send."""
         self._readers: dict[int, Callable[[float], bool]] = {}
+        self._owners: dict[int, Any] = {}
+        """fd -> the client whose socket it is (the reader's owner)."""
         self._poll: Any = _epoll()
 
     def add(self, sock: Any, channel: int, interval: float, frame_bytes: int,
-            receiver: Any = None) -> MediaFlow:
+            receiver: Any = None, on_echo: EchoHandler | None = None) -> MediaFlow:
         """Start sending on ``sock`` (connected to the relay) through ``channel``.
 
         With ``receiver`` (the :class:`~turnstorm.loadgen.wire.UdpClient` owning ``sock``)
         the pump also reads the socket while the flow lasts, between its sends, instead
         of the hub's read watcher: echoes cost no wake-up of their own and never delay a
-        send by more than one batch of reads."""
+        send by more than one batch of reads. With ``on_echo`` too, echoed frames go
+        straight to it (see the module docstring)."""
         # spread the flows' phases over the interval: even batches, not one burst
         phases = max(1, round(interval / self.tick))
         slot = int(clock() / self.tick) + 1 + self._added % phases
@@ -112,7 +136,9 @@ class MediaPump:
                 self._poll.modify(flow.fd, select.EPOLLIN)
             receiver.detach_reader()
             flow.receiver = receiver
-            self._readers[flow.fd] = receiver.read_one
+            self._readers[flow.fd] = (receiver.read_one if on_echo is None else
+                                      _echo_reader(receiver, on_echo, frame_bytes))
+            self._owners[flow.fd] = receiver
         self.wheel.setdefault(slot, []).append(flow)
         self.flows += 1
         if self._greenlet is None or self._greenlet.dead:
@@ -123,8 +149,9 @@ class MediaPump:
         """Stop the flow (it is dropped from the wheel at its next slot)."""
         if flow.fd >= 0:
             if flow.receiver is not None:
-                if self._readers.get(flow.fd) == flow.receiver.read_one:
+                if self._owners.get(flow.fd) is flow.receiver:
                     del self._readers[flow.fd]
+                    del self._owners[flow.fd]
                     # closed meanwhile: the kernel dropped it already
                     with contextlib.suppress(OSError, ValueError):
                         self._poll.unregister(flow.fd)
@@ -140,13 +167,24 @@ class MediaPump:
             self._send_due()
             if self._readers:
                 self._read()
-            # wake up LEAD before the next slot is due, not a tick after this wake-up
-            gevent.sleep(max(0.0, self._current * self.tick - LEAD - clock()))
+            # wake up LEAD before the next slot with frames is due
+            upcoming = min(wheel) if wheel else self._current
+            self._wait(max(upcoming, self._current) * self.tick - LEAD)
         self._greenlet = None
 
+    @staticmethod
+    def _wait(deadline: float) -> None:
+        """Until ``deadline`` (:func:`clock`): through the hub down to ``COARSE`` before
+        it, then in a real ``select()`` (see the module docstring)."""
+        remaining = deadline - clock()
+        gevent.sleep(remaining - COARSE if remaining > COARSE else 0)
+        remaining = deadline - clock()
+        if remaining > 0:
+            _select([], [], [], remaining)
+
     def _send_due(self) -> None:
-        """Send every slot due before now + LEAD: the hub's timers fire up to ~1 ms late,
-        so sending up to LEAD early centres the timing error on zero."""
+        """Send every slot due before now + LEAD (the wake-up latency then centres the
+        timing error on zero)."""
         last = int((clock() + LEAD) / self.tick)
         wheel = self.wheel
         while self._current <= last:
@@ -222,3 +260,39 @@ def _epoll() -> Any:
     ``select.epoll``), or None where there is none."""
     factory = monkey.get_original("select", "epoll") if hasattr(select, "EPOLLIN") else None
     return factory() if factory is not None else None
+
+
+def _echo_reader(receiver: Any, on_echo: EchoHandler, frame_bytes: int
+                 ) -> Callable[[float], bool]:
+    """The pump's read of one datagram from ``receiver``'s socket: echoed frames to
+    ``on_echo``, anything else to the client's ``dispatch``. False when none is queued."""
+    recvmsg = receiver.sock.recvmsg
+    size = max(MIN_RECV_SIZE, frame_bytes + 64)
+    unpack = CHANNEL_HEADER.unpack_from
+    timespec = TIMESPEC.unpack
+    dispatch = receiver.dispatch
+    smallest = CHANNEL_HEADER.size
+
+    def read(offset: float) -> bool:
+        # (a closed client's socket has left the pump's epoll set with its descriptor)
+        try:
+            data, ancillary, _, _ = recvmsg(size, ANCILLARY_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            receiver.unreachable(exc)
+            return True
+        if ancillary:
+            seconds, nanoseconds = timespec(ancillary[0][2])
+            now = seconds - offset + nanoseconds * 1e-9
+        else:
+            now = clock()
+        if len(data) >= smallest and 0x40 <= data[0] <= 0x4F:
+            _, length, seq, sent = unpack(data)
+            if length <= len(data) - 4:
+                on_echo(seq, sent, now, length)
+            return True
+        dispatch(data, now)
+        return True
+
+    return read

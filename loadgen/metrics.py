@@ -30,6 +30,7 @@ JITTER_GAIN = 16
 """RFC 3550 section 6.4.1: J += (|D| - J) / 16."""
 REPLAY_WINDOW = 64
 """Sequence numbers behind the highest one still checked for duplicates."""
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 
 
 def bucket_index(value_us: int) -> int:
@@ -240,7 +241,7 @@ class SequenceTracker:
             self._window = 1
         elif seq > self.highest:
             shift = seq - self.highest
-            self._window = ((self._window << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self._window = ((self._window << shift) | 1) & _WINDOW_MASK
             self.highest = seq
         else:
             behind = self.highest - seq
@@ -275,13 +276,34 @@ class StreamStats:
     received_bytes: int = 0
 
     def on_echo(self, seq: int, sent: float, received: float, size: int) -> None:
-        """A packet sent at ``sent`` came back at ``received`` (seconds, same clock)."""
-        if not self.sequence.on_packet(seq):
+        """A packet sent at ``sent`` came back at ``received`` (seconds, same clock).
+
+        The media pump calls this for every echo, so the common case is written out here:
+        the next packet in order (:meth:`SequenceTracker.on_packet`), Welford's update
+        (:meth:`RunningStats.add`) and the RFC 3550 jitter step (:meth:`Jitter.update`),
+        each exactly as those methods do it."""
+        sequence = self.sequence
+        if seq == sequence.highest + 1 and sequence.first is not None:
+            sequence._window = ((sequence._window << 1) | 1) & _WINDOW_MASK
+            sequence.highest = seq
+            sequence.received += 1
+        elif not sequence.on_packet(seq):
             return
         rtt = received - sent
         self.rtt.record_us(rtt * 1e6)
-        self.delay.add(rtt)
-        self.jitter.update(sent, received)
+        delay = self.delay
+        count = delay.count + 1
+        delay.count = count
+        delta = rtt - delay.mean
+        delay.mean += delta / count
+        delay.m2 += delta * (rtt - delay.mean)
+        jitter = self.jitter
+        last = jitter._last_transit
+        if last is not None:
+            d = rtt - last if rtt >= last else last - rtt
+            jitter.value += (d - jitter.value) / JITTER_GAIN
+            jitter.samples += 1
+        jitter._last_transit = rtt
         self.received_bytes += size
 
 

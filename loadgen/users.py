@@ -409,16 +409,18 @@ class TurnSessionUser(_RelayUser):
         unpack = MEDIA_HEADER.unpack_from
         on_echo = stream.on_echo
 
-        def received(channel: int, payload: bytes, at: float) -> None:
-            if len(payload) < MEDIA_HEADER.size:
-                return
-            seq, sent = unpack(payload)
-            rtt = at - sent
-            on_echo(seq, sent, at, len(payload))
-            call.interval_rtt += rtt
+        def echoed(seq: int, sent: float, at: float, size: int) -> None:
+            on_echo(seq, sent, at, size)
+            call.interval_rtt += at - sent
             call.interval_count += 1
-            call.interval_bytes += len(payload)
+            call.interval_bytes += size
 
+        def received(channel: int, payload: bytes, at: float) -> None:
+            if len(payload) >= MEDIA_HEADER.size:
+                seq, sent = unpack(payload)
+                echoed(seq, sent, at, len(payload))
+
+        # the hub's reader (before and after the flow) and the pump's (during it)
         client.on_channel_data = received
         start = clock()
         end = start + seconds
@@ -431,7 +433,7 @@ class TurnSessionUser(_RelayUser):
         next_probe = start + config.summary_interval
         flow = call.flow = media_pump(self.state).add(client.sock, call.channel,
                                                       config.frame_interval, config.frame_bytes,
-                                                      receiver=client)
+                                                      receiver=client, on_echo=echoed)
         try:
             while True:
                 now = clock()

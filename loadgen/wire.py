@@ -51,7 +51,10 @@ SO_TIMESTAMPNS = 35
 """Linux ``SO_TIMESTAMPNS`` (its control message type has the same value); the socket
 module does not export it."""
 _TIMESPEC = struct.Struct("@qq")
+TIMESPEC = _TIMESPEC
+"""The ``SO_TIMESTAMPNS`` control message payload (seconds, nanoseconds)."""
 _ANCILLARY_SIZE = 64
+ANCILLARY_SIZE = _ANCILLARY_SIZE
 clock = time.perf_counter
 """The one clock of this module: request RTTs, retransmission deadlines, media stamps."""
 
@@ -154,26 +157,41 @@ class UdpClient:
         except BlockingIOError:
             return False
         except OSError as exc:
-            # ICMP port unreachable on a connected socket: fail what is waiting.
-            self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
-                                     f"{exc.strerror or exc}"))
+            self.unreachable(exc)
             return True
         if ancillary:
             seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
             now = seconds - offset + nanoseconds * 1e-9
         else:
             now = clock()
+        self.dispatch(data, now)
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def unreachable(self, exc: OSError) -> None:
+        """A receive failed (ICMP port unreachable on a connected socket): fail what is
+        waiting."""
+        self._fail_all(WireError(f"cannot reach UDP {_fmt(self.server)}: "
+                                 f"{exc.strerror or exc}"))
+
+    def dispatch(self, data: bytes, now: float) -> None:
+        """Hand one received datagram (arrived at ``now``, :func:`clock`) to its
+        consumer: ChannelData to ``on_channel_data``, responses to their transactions,
+        Data indications to ``on_data``."""
         if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
             channel, length = _CHANNEL_HEADER.unpack_from(data)
             handler = self.on_channel_data
             if handler is not None and length <= len(data) - 4:
                 handler(channel, data[4:4 + length], now)
-            return True
+            return
         try:
             message = stun.parse(data)
         except stun.StunParseError:
             self.parse_errors += 1
-            return True
+            return
         if message.message_class in (Class.RESPONSE, Class.ERROR):
             waiter = self._pending.get(message.transaction_id)
             if waiter is not None and not waiter.ready():
@@ -183,7 +201,6 @@ class UdpClient:
             payload = message.attributes.get("DATA")
             if peer is not None and payload is not None:
                 self.on_data(peer, payload, now)
-        return True
 
     def detach_reader(self) -> None:
         """Stop the hub's read watcher: somebody else calls :meth:`read_one` now."""

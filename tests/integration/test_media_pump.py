@@ -32,9 +32,12 @@ def echo() -> Iterator[tuple[Address, EchoCounter]]:
     greenlet.kill()
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["client-dispatch", "on-echo"])
 def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
-    relays: Any, echo: tuple[Address, EchoCounter]
+    relays: Any, echo: tuple[Address, EchoCounter], direct: bool
 ) -> None:
+    # direct: echoed frames go straight to the stream (on_echo); else through the
+    # client's on_channel_data. Control responses always go through the client.
     relay = relays()
     peer, counter = echo
     state = SimpleNamespace(send_lag=Histogram(), limiter=None)
@@ -56,8 +59,9 @@ def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
 
             client.on_channel_data = received
             calls.append((client, channel, stream))
-        flows = [pump.add(client.sock, channel, 0.02, 160, receiver=client)
-                 for client, channel, _ in calls]
+        flows = [pump.add(client.sock, channel, 0.02, 160, receiver=client,
+                          on_echo=stream.on_echo if direct else None)
+                 for client, channel, stream in calls]
         # while the flows last, the hub's read watchers are off: the pump reads
         assert not any(client._watcher.active for client, _, _ in calls)
         gevent.sleep(0.5)
@@ -80,7 +84,7 @@ def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
             _, rtt = client.binding()
             assert 0 < rtt < 1
         assert counter.echoed == sum(flow.sent for flow in flows)
-        assert not pump._readers
+        assert not pump._readers and not pump._owners
     finally:
         for client, _, _ in calls:
             client.release_and_close(timeout=2)

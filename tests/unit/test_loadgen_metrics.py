@@ -167,3 +167,36 @@ def test_media_stats_aggregate_and_roundtrip() -> None:
     assert twice["rtt_ms"] == report["rtt_ms"]
     assert twice["jitter_ms"] == report["jitter_ms"]
     assert twice["delay_std_ms"] == report["delay_std_ms"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stream_on_echo_equals_its_parts(seed: int) -> None:
+    """The pump's hot path (one method) gives exactly what the separate steps give, on
+    echoes in order, lost, reordered and duplicated."""
+
+    rng = random.Random(seed)
+    echoes: list[tuple[int, float, float]] = []
+    for seq in range(2000):
+        sent = seq * 0.02
+        if rng.random() < 0.02:
+            continue  # lost
+        echoes.append((seq, sent, sent + 0.03 + rng.expovariate(200)))
+        if rng.random() < 0.01:
+            echoes.append(echoes[-1])  # duplicated
+    for i in range(0, len(echoes) - 1, 37):
+        echoes[i], echoes[i + 1] = echoes[i + 1], echoes[i]  # reordered
+    stream = StreamStats()
+    sequence, delay, jitter, rtt = SequenceTracker(), RunningStats(), Jitter(), Histogram()
+    size = 0
+    for seq, sent, received in echoes:
+        stream.on_echo(seq, sent, received, 160)
+        if sequence.on_packet(seq):
+            rtt.record_us((received - sent) * 1e6)
+            delay.add(received - sent)
+            jitter.update(sent, received)
+            size += 160
+    assert stream.sequence == sequence
+    assert (sequence.duplicates > 0 and sequence.reordered > 0 and sequence.lost > 0)
+    assert stream.delay == delay and stream.jitter == jitter
+    assert stream.rtt.buckets == rtt.buckets and stream.rtt.count == rtt.count
+    assert stream.received_bytes == size
