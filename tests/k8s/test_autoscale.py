@@ -133,20 +133,34 @@ def pool_status(plane: ControlPlane, name: str, namespace: str) -> dict[str, Any
     return status
 
 
-def test_live_signals_scale_out_hold_on_outage_and_drain_in(
-        control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
+def prepare(control_plane: ControlPlane, namespace: str, relays: Relays, name: str
+            ) -> dict[str, Any]:
+    """The relays' ports known, the pool's auth Secret made: the TurnPool to apply."""
     for host, relay in zip(HOSTS, relays.relays, strict=True):
         _ports[host] = relay.port
-    create_secret(control_plane, "live-auth", namespace)
-    doc = pool_doc("live", namespace, relays.exporter_port)
+    create_secret(control_plane, f"{name}-auth", namespace)
+    return pool_doc(name, namespace, relays.exporter_port)
+
+
+def apply_with_pods(control_plane: ControlPlane, namespace: str, doc: dict[str, Any]
+                    ) -> list[str]:
+    """Apply the TurnPool, wait for its Deployment, then make the relays' Pods (no
+    kubelet here) with the local relays' addresses."""
+    name = doc["metadata"]["name"]
+    control_plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+    wait_for(lambda: get(control_plane, "deployment", name, namespace), timeout=30,
+             what="Deployment")
+    return [make_pod(control_plane, doc, i, ip) for i, ip in enumerate(HOSTS)]
+
+
+def test_live_signals_scale_out_hold_on_outage_and_drain_in(
+        control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
+    doc = prepare(control_plane, namespace, relays, "live")
     loop = asyncio.new_event_loop()
     clients: dict[str, list[TurnClient]] = {}
     try:
         with running_operator():
-            control_plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
-            wait_for(lambda: get(control_plane, "deployment", "live", namespace), timeout=30,
-                     what="Deployment")
-            pods = [make_pod(control_plane, doc, i, ip) for i, ip in enumerate(HOSTS)]
+            pods = apply_with_pods(control_plane, namespace, doc)
 
             # 6 allocations per relay against a target of 4: ratio 1.5 -> 3 relays.
             for host in HOSTS:
@@ -229,10 +243,7 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
 
 def test_pack_placement_keeps_the_younger_relay_on_standby_until_needed(
         control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
-    for host, relay in zip(HOSTS, relays.relays, strict=True):
-        _ports[host] = relay.port
-    create_secret(control_plane, "pack-auth", namespace)
-    doc = pool_doc("pack", namespace, relays.exporter_port)
+    doc = prepare(control_plane, namespace, relays, "pack")
     doc["spec"]["replicas"] = {"min": 2, "max": 2, "target": 2}
     # fill 4 per relay; keep 2 allocations' worth of room in rotation
     doc["spec"]["scaling"]["placement"] = {"mode": "pack", "headroomPercent": 50}
@@ -247,10 +258,7 @@ def test_pack_placement_keeps_the_younger_relay_on_standby_until_needed(
 
     try:
         with running_operator():
-            control_plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
-            wait_for(lambda: get(control_plane, "deployment", "pack", namespace), timeout=30,
-                     what="Deployment")
-            pods = [make_pod(control_plane, doc, i, ip) for i, ip in enumerate(HOSTS)]
+            pods = apply_with_pods(control_plane, namespace, doc)
             # Both empty: the oldest relay has room enough, the other waits out of the
             # client Service.
             wait_for(lambda: rotation(pods[1]) == "standby", timeout=30,

@@ -148,12 +148,8 @@ def test_rotation_pack_fills_the_oldest_relay_first(tmp_path: Path) -> None:
     # fill 6 over 2 Locust processes: 3 calls of this process per relay
     writer.publish(relays, fill=6, processes=2)
     reader = Rotation(path)
-    hosts = []
-    for _ in range(7):
-        uri = reader.pick()
-        assert uri is not None
-        reader.acquire(uri)
-        hosts.append(uri.host)
+    fallback = parse_uri("turn:127.0.0.9:3478")  # used only if the rotation were empty
+    hosts = [reader.claim(fallback).host for _ in range(7)]
     assert hosts == ["127.0.0.2"] * 3 + ["127.0.0.3"] * 3 + ["127.0.0.4"]
     # A saturated relay is skipped even below its fill; a call ending makes room again.
     writer.publish(relays, fill=6, processes=2, full=frozenset([relays[2]]))

@@ -102,6 +102,13 @@ class Rotation:
                                             (i - self._turn) % n))
         return uris[best]
 
+    def claim(self, fallback: ServerUri) -> ServerUri:
+        """:meth:`pick` a relay for a new call (``fallback`` when the rotation is empty)
+        and count the call on it (:meth:`release` it when the call ends)."""
+        uri = self.pick() or fallback
+        self.acquire(uri)
+        return uri
+
     def acquire(self, uri: ServerUri) -> None:
         key = str(uri)
         self.active[key] = self.active.get(key, 0) + 1

@@ -54,12 +54,7 @@ class RotatingTurnUser(TurnSessionUser):
         self._held: ServerUri | None = None
 
     def _call(self) -> None:
-        rotation = shared_rotation()
-        target = rotation.pick()
-        if target is not None:
-            self.target = target
-        rotation.acquire(self.target)
-        self._held = self.target
+        self.target = self._held = shared_rotation().claim(self.target)
         super()._call()
 
     def _end_call(self) -> None:
