@@ -42,9 +42,10 @@ from typing import Any
 
 import gevent
 from gevent import monkey
+from gevent.event import Event
 
 from turnstorm.loadgen.metrics import Histogram
-from turnstorm.loadgen.wire import ANCILLARY_SIZE, TIMESPEC, clock
+from turnstorm.loadgen.wire import ANCILLARY_SIZE, RECV_SIZE, TIMESPEC, clock
 
 MEDIA_HEADER = struct.Struct("!Id")
 """Media payload header: sequence number and send time (the generator's clock)."""
@@ -65,8 +66,6 @@ READS_BETWEEN_SENDS = 8
 """Sockets read between two checks for frames falling due."""
 MAX_CATCH_UP = 10
 """A call more than this many frames behind (overload) skips ahead instead of bursting."""
-MIN_RECV_SIZE = 4096
-"""Receive buffer of a flow's socket read by the pump (larger frames get frame + 64)."""
 
 EchoHandler = Callable[[int, float, float, int], None]
 """``on_echo(seq, sent, received, size)``: an echoed frame's sequence number, send time,
@@ -111,8 +110,11 @@ class MediaPump:
         self._current = 0
         """The next wheel slot to send."""
         self._readers: dict[int, Callable[[float], bool]] = {}
-        self._owners: dict[int, Any] = {}
-        """fd -> the client whose socket it is (the reader's owner)."""
+        self._planned: int | None = None
+        """The slot the pump is waiting for (None while it works)."""
+        self._wake = Event()
+        self._owners: dict[int, MediaFlow] = {}
+        """fd -> the flow whose reader it is (a later flow on the socket takes it over)."""
         self._poll: Any = _epoll()
 
     def add(self, sock: Any, channel: int, interval: float, frame_bytes: int,
@@ -126,7 +128,8 @@ class MediaPump:
         straight to it (see the module docstring)."""
         # spread the flows' phases over the interval: even batches, not one burst
         phases = max(1, round(interval / self.tick))
-        slot = int(clock() / self.tick) + 1 + self._added % phases
+        # never a slot the running pump has passed already (it sends up to LEAD ahead)
+        slot = max(int(clock() / self.tick) + 1, self._current) + self._added % phases
         self._added += 1
         flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
         if receiver is not None and self._poll is not None:
@@ -137,10 +140,12 @@ class MediaPump:
             receiver.detach_reader()
             flow.receiver = receiver
             self._readers[flow.fd] = (receiver.read_one if on_echo is None else
-                                      _echo_reader(receiver, on_echo, frame_bytes))
-            self._owners[flow.fd] = receiver
+                                      _echo_reader(receiver, on_echo))
+            self._owners[flow.fd] = flow
         self.wheel.setdefault(slot, []).append(flow)
         self.flows += 1
+        if self._planned is not None and slot < self._planned:
+            self._wake.set()  # the pump sleeps past this flow's first frame: wake it
         if self._greenlet is None or self._greenlet.dead:
             self._greenlet = gevent.spawn(self._run)
         return flow
@@ -149,7 +154,7 @@ class MediaPump:
         """Stop the flow (it is dropped from the wheel at its next slot)."""
         if flow.fd >= 0:
             if flow.receiver is not None:
-                if self._owners.get(flow.fd) is flow.receiver:
+                if self._owners.get(flow.fd) is flow:
                     del self._readers[flow.fd]
                     del self._owners[flow.fd]
                     # closed meanwhile: the kernel dropped it already
@@ -167,17 +172,25 @@ class MediaPump:
             self._send_due()
             if self._readers:
                 self._read()
-            # wake up LEAD before the next slot with frames is due
-            upcoming = min(wheel) if wheel else self._current
-            self._wait(max(upcoming, self._current) * self.tick - LEAD)
+            # wake up LEAD before the next slot with frames is due (sooner when a flow
+            # added meanwhile is due before it: see add)
+            upcoming = max(min(wheel), self._current) if wheel else self._current
+            self._planned = upcoming
+            self._wait(upcoming * self.tick - LEAD)
+            self._planned = None
         self._greenlet = None
 
-    @staticmethod
-    def _wait(deadline: float) -> None:
+    def _wait(self, deadline: float) -> None:
         """Until ``deadline`` (:func:`clock`): through the hub down to ``COARSE`` before
-        it, then in a real ``select()`` (see the module docstring)."""
+        it (cut short by :meth:`add`), then in a real ``select()`` (see the module
+        docstring)."""
         remaining = deadline - clock()
-        gevent.sleep(remaining - COARSE if remaining > COARSE else 0)
+        if remaining > COARSE:
+            self._wake.clear()
+            if self._wake.wait(remaining - COARSE):
+                return  # a new flow is due before the deadline
+        else:
+            gevent.sleep(0)  # the hub runs what is ready
         remaining = deadline - clock()
         if remaining > 0:
             _select([], [], [], remaining)
@@ -262,21 +275,21 @@ def _epoll() -> Any:
     return factory() if factory is not None else None
 
 
-def _echo_reader(receiver: Any, on_echo: EchoHandler, frame_bytes: int
-                 ) -> Callable[[float], bool]:
+def _echo_reader(receiver: Any, on_echo: EchoHandler) -> Callable[[float], bool]:
     """The pump's read of one datagram from ``receiver``'s socket: echoed frames to
     ``on_echo``, anything else to the client's ``dispatch``. False when none is queued."""
     recvmsg = receiver.sock.recvmsg
-    size = max(MIN_RECV_SIZE, frame_bytes + 64)
     unpack = CHANNEL_HEADER.unpack_from
     timespec = TIMESPEC.unpack
     dispatch = receiver.dispatch
     smallest = CHANNEL_HEADER.size
+    header = MEDIA_HEADER.size
 
     def read(offset: float) -> bool:
-        # (a closed client's socket has left the pump's epoll set with its descriptor)
+        # (a closed client's socket has left the pump's epoll set with its descriptor;
+        # a read racing the close fails with EBADF, which fails nothing that waits)
         try:
-            data, ancillary, _, _ = recvmsg(size, ANCILLARY_SIZE)
+            data, ancillary, _, _ = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -289,7 +302,7 @@ def _echo_reader(receiver: Any, on_echo: EchoHandler, frame_bytes: int
             now = clock()
         if len(data) >= smallest and 0x40 <= data[0] <= 0x4F:
             _, length, seq, sent = unpack(data)
-            if length <= len(data) - 4:
+            if header <= length <= len(data) - 4:
                 on_echo(seq, sent, now, length)
             return True
         dispatch(data, now)

@@ -50,11 +50,9 @@ _CHANNEL_HEADER = struct.Struct("!HH")
 SO_TIMESTAMPNS = 35
 """Linux ``SO_TIMESTAMPNS`` (its control message type has the same value); the socket
 module does not export it."""
-_TIMESPEC = struct.Struct("@qq")
-TIMESPEC = _TIMESPEC
+TIMESPEC = struct.Struct("@qq")
 """The ``SO_TIMESTAMPNS`` control message payload (seconds, nanoseconds)."""
-_ANCILLARY_SIZE = 64
-ANCILLARY_SIZE = _ANCILLARY_SIZE
+ANCILLARY_SIZE = 64
 clock = time.perf_counter
 """The one clock of this module: request RTTs, retransmission deadlines, media stamps."""
 
@@ -153,23 +151,19 @@ class UdpClient:
         if self._closed:
             return False
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(RECV_SIZE, _ANCILLARY_SIZE)
+            data, ancillary, _, _ = self.sock.recvmsg(RECV_SIZE, ANCILLARY_SIZE)
         except BlockingIOError:
             return False
         except OSError as exc:
             self.unreachable(exc)
             return True
         if ancillary:
-            seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
+            seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
             now = seconds - offset + nanoseconds * 1e-9
         else:
             now = clock()
         self.dispatch(data, now)
         return True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def unreachable(self, exc: OSError) -> None:
         """A receive failed (ICMP port unreachable on a connected socket): fail what is

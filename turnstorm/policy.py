@@ -31,7 +31,7 @@ a storm empty until they are really needed (removed at no cost when they are not
 sends the calls that come after a storm to the relays that stay, not to those about to
 drain. The local mode's balancer packs call by call; the operator approximates it with
 :func:`open_relays` (relays outside that set wait out of the Service, label
-``turnstorm.io/rotation=standby``).
+``turnstorm.io/rotation=standby``, from the evaluation after they become ready).
 """
 
 from __future__ import annotations

@@ -88,3 +88,91 @@ def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
     finally:
         for client, _, _ in calls:
             client.release_and_close(timeout=2)
+
+
+def test_a_flow_added_while_the_pump_sleeps_wakes_it() -> None:
+    """One flow: after its frame the pump sleeps ~20 ms until the next. A flow added
+    meanwhile, due in a few ms, must not wait for that wake-up."""
+    import socket
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    senders = []
+    for _ in range(2):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(sink.getsockname())
+        senders.append(sock)
+    state = SimpleNamespace(send_lag=Histogram(), limiter=None)
+    pump = MediaPump(state)
+    try:
+        first = pump.add(senders[0], 0x4000, 0.02, 160)
+        gevent.sleep(0.006)  # its first frame is out; the pump waits for the next
+        assert first.sent >= 1
+        state.send_lag = Histogram()
+        second = pump.add(senders[1], 0x4001, 0.02, 160)
+        due = second.next_due
+        assert due - time.perf_counter() < 0.008
+        gevent.sleep(max(0.0, due - time.perf_counter()) + 0.004)
+        assert second.sent == 1, "the second flow waited for the first flow's next frame"
+        assert state.send_lag.percentile_ms(100) < 8
+        for flow in (first, second):
+            pump.remove(flow)
+    finally:
+        for sock in senders:
+            sock.close()
+        sink.close()
+
+
+def test_a_flow_is_never_scheduled_behind_the_running_pump() -> None:
+    """The running pump sends up to LEAD ahead, so its next slot can be ahead of the
+    clock's: a flow added then goes into a slot the pump will still send."""
+    import socket
+
+    from turnstorm.loadgen.wire import clock
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pump = MediaPump(SimpleNamespace(send_lag=Histogram(), limiter=None))
+    pump._greenlet = gevent.spawn(gevent.sleep, 1)  # as if running: add starts no other
+    try:
+        for added in range(20):
+            pump._current = int(clock() / pump.tick) + 3
+            flow = pump.add(sock, 0x4000, 0.02, 160)
+            assert round(flow.next_due / pump.tick) >= pump._current, added
+    finally:
+        pump._greenlet.kill()
+        sock.close()
+
+
+def test_flows_added_while_the_pump_sleeps_start_on_time() -> None:
+    """Flows join at random moments while the pump waits between sparse slots: each
+    sends from its first slot on, none is left behind a slot the pump has passed."""
+    import random
+    import socket
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    state = SimpleNamespace(send_lag=Histogram(), limiter=None)
+    pump = MediaPump(state)
+    rng = random.Random(7)
+    senders: list[socket.socket] = []
+    flows = []
+    try:
+        for _ in range(24):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect(sink.getsockname())
+            senders.append(sock)
+            flows.append((pump.add(sock, 0x4000, 0.02, 160), time.perf_counter()))
+            gevent.sleep(rng.uniform(0.001, 0.015))
+        gevent.sleep(0.3)
+        ended = time.perf_counter()
+        for flow, added in flows:
+            pump.remove(flow)
+            # ~50 frames/s from its first slot (at most a few ms after it was added)
+            assert flow.sent >= int((ended - added) / 0.02) - 1, (flow.sent, ended - added)
+        # no first frame waited for a later wake-up of the pump (up to 20 ms late)
+        assert state.send_lag.percentile_ms(99) < 10, state.send_lag.summary_ms()
+    finally:
+        for sock in senders:
+            sock.close()
+        sink.close()

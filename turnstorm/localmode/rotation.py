@@ -11,7 +11,7 @@ comes first, skipping the relays the controller marks *full* (saturated on a sig
 than allocations, see :func:`turnstorm.policy.saturated`); least-connections once every
 relay is that full. Each of ``processes``
 Locust processes runs about the same share of the users, so its share of ``fill`` is
-``fill / processes``.
+``fill / processes`` (rounded down, at least 1).
 
 The orchestrator publishes the rotation with :meth:`Rotation.publish`; in the same
 process the users see it at once. Locust worker processes (``--workers``) find it in a
@@ -52,7 +52,8 @@ class Rotation:
         (split over ``processes`` Locust processes) before the next, skipping ``full``;
         None: spread."""
         self._uris = [parse_uri(u) for u in uris]
-        self.fill = None if fill is None else fill / max(1, processes)
+        # rounded down: the processes together never pack a relay beyond ``fill``
+        self.fill = None if fill is None else max(1, int(fill // max(1, processes)))
         self.full = frozenset(str(parse_uri(u)) for u in full)
         if self.path is None:
             return

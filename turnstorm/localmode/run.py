@@ -246,7 +246,7 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
         autoscaler = Autoscaler(spec.scaling, spec.min_replicas, spec.max_replicas,
                                 StormOptions.from_policy(spec.scaling))
         # The fixed pool spreads its calls (what a Service does); the autoscaled one
-        # places them as its TurnPool says (pack by default).
+        # places them as its TurnPool's spec.scaling.placement says (spread by default).
         controller = Controller(pool, autoscaler, rotation, timing.interval_seconds,
                                 timing.time_scale, apply=autoscale, on_new_relay=boost,
                                 fill=spec.scaling.pack_fill if autoscale else None,
