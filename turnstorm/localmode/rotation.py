@@ -79,10 +79,12 @@ class Rotation:
             try:
                 with open(self.path, encoding="utf8") as handle:
                     data = json.load(handle)
-                self._uris = [parse_uri(u) for u in data["relays"]]
+                uris = [parse_uri(u) for u in data["relays"]]
                 fill = data.get("fill")
+                full = frozenset(str(parse_uri(u)) for u in data.get("full", []))
+                # all or nothing: a bad file leaves the previous rotation whole
+                self._uris, self.full = uris, full
                 self.fill = float(fill) if fill is not None else None
-                self.full = frozenset(str(parse_uri(u)) for u in data.get("full", []))
                 self._stamp = stamp
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # half-visible update: keep the previous rotation
