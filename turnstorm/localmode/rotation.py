@@ -80,11 +80,10 @@ class Rotation:
                 with open(self.path, encoding="utf8") as handle:
                     data = json.load(handle)
                 uris = [parse_uri(u) for u in data["relays"]]
-                fill = data.get("fill")
+                fill = None if data.get("fill") is None else float(data["fill"])
                 full = frozenset(str(parse_uri(u)) for u in data.get("full", []))
                 # all or nothing: a bad file leaves the previous rotation whole
-                self._uris, self.full = uris, full
-                self.fill = float(fill) if fill is not None else None
+                self._uris, self.fill, self.full = uris, fill, full
                 self._stamp = stamp
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # half-visible update: keep the previous rotation
