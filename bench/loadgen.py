@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,12 +58,12 @@ from gevent.pool import Pool
 
 from turnstorm.loadgen.config import LoadgenConfig
 from turnstorm.loadgen.keepalive import KeepaliveCrowd
-from turnstorm.loadgen.media import MEDIA_HEADER, MediaPump
+from turnstorm.loadgen.media import MediaPump
 from turnstorm.loadgen.metrics import Histogram, StreamStats
 from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.storm import start_echo_process
 from turnstorm.loadgen.users import StunBindingUser
-from turnstorm.loadgen.wire import UdpClient, clock
+from turnstorm.loadgen.wire import MEDIA_HEADER, UdpClient, clock
 from turnstorm.localrelay import LocalRelay, loopback_relay_config
 from turnstorm.proto.credentials import Credentials
 from turnstorm.uri import parse_uri
@@ -190,14 +190,7 @@ def open_calls(relay: LocalRelay, peer: tuple[str, int], count: int) -> list[Cal
         client.create_permission(peer)
         channel, _ = client.channel_bind(peer)
         call = Call(client, channel)
-        unpack = MEDIA_HEADER.unpack_from
-        on_echo = call.stream.on_echo
-
-        def received(channel: int, payload: bytes, at: float) -> None:
-            seq, sent = unpack(payload)
-            on_echo(seq, sent, at, len(payload))
-
-        client.on_channel_data = received
+        client.on_echo = call.stream.on_echo
         calls.append(call)
 
     pool = Pool(50)
@@ -239,17 +232,9 @@ class MediaRun:
 
 
 def reset_streams(calls: list[Call]) -> None:
-    unpack = MEDIA_HEADER.unpack_from
     for call in calls:
         call.stream = StreamStats()
-        on_echo = call.stream.on_echo
-
-        def received(channel: int, payload: bytes, at: float,
-                     on_echo: Callable[..., None] = on_echo) -> None:
-            seq, sent = unpack(payload)
-            on_echo(seq, sent, at, len(payload))
-
-        call.client.on_channel_data = received
+        call.client.on_echo = call.stream.on_echo
 
 
 def pump_media(calls: list[Call], seconds: float) -> MediaRun:
@@ -259,7 +244,7 @@ def pump_media(calls: list[Call], seconds: float) -> MediaRun:
     fds = [call.client.sock.fileno() for call in calls]
     drops0 = socket_drops(fds)
     flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
-                      receiver=call.client, on_echo=call.stream.on_echo)
+                      receiver=call.client)
              for call in calls]
     gevent.sleep(0.5)  # every flow is on the wheel; measure the steady state
     state.send_lag = Histogram()
@@ -452,7 +437,7 @@ def bench_cpu_per_message(relay: LocalRelay, peer: tuple[str, int], sessions: in
     state = type("PumpState", (), {"send_lag": Histogram(), "limiter": None})()
     pump = MediaPump(state)
     flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
-                      receiver=call.client, on_echo=call.stream.on_echo)
+                      receiver=call.client)
              for call in calls]
     while any(flow.sent < messages for flow in flows):
         for flow in flows:

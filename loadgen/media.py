@@ -23,10 +23,9 @@ socket and reads one datagram from each ready one, checking for frames falling d
 every few sockets. An echo then costs no hub wake-up or watcher callback of its own, and
 reading never holds a frame back by more than a few datagrams. Each datagram keeps its
 kernel arrival stamp, so the RTT does not depend on when it is read. Control responses on
-those sockets (refreshes during the call) are dispatched by the same read. Given the
-flow's echo consumer (``on_echo``), the pump unpacks an echoed frame itself (ChannelData
-header, sequence, send time in one unpack) and hands it over with no copy of the payload;
-anything else goes to the client's :meth:`~turnstorm.loadgen.wire.UdpClient.dispatch`.
+those sockets (refreshes during the call) are dispatched by the same read. A client
+with an ``on_echo`` consumer gets each echoed frame unpacked in one go (see
+:class:`~turnstorm.loadgen.wire.UdpClient`).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,12 +43,8 @@ from gevent import monkey
 from gevent.event import Event
 
 from turnstorm.loadgen.metrics import Histogram
-from turnstorm.loadgen.wire import ANCILLARY_SIZE, RECV_SIZE, TIMESPEC, clock
+from turnstorm.loadgen.wire import CHANNEL_HEADER, clock
 
-MEDIA_HEADER = struct.Struct("!Id")
-"""Media payload header: sequence number and send time (the generator's clock)."""
-CHANNEL_HEADER = struct.Struct("!HHId")
-"""ChannelData header (channel, length) followed by the media header: one pack per frame."""
 TICK = 0.002
 """Seconds between the slots frames are scheduled on (one pump wake-up per slot; it
 divides the 20 ms frame interval). Coarser slots mean larger batches: fewer wake-ups of
@@ -66,10 +60,6 @@ READS_BETWEEN_SENDS = 8
 """Sockets read between two checks for frames falling due."""
 MAX_CATCH_UP = 10
 """A call more than this many frames behind (overload) skips ahead instead of bursting."""
-
-EchoHandler = Callable[[int, float, float, int], None]
-"""``on_echo(seq, sent, received, size)``: an echoed frame's sequence number, send time,
-arrival time (the :func:`clock`) and payload size."""
 
 
 @dataclass(eq=False)
@@ -118,14 +108,13 @@ class MediaPump:
         self._poll: Any = _epoll()
 
     def add(self, sock: Any, channel: int, interval: float, frame_bytes: int,
-            receiver: Any = None, on_echo: EchoHandler | None = None) -> MediaFlow:
+            receiver: Any = None) -> MediaFlow:
         """Start sending on ``sock`` (connected to the relay) through ``channel``.
 
         With ``receiver`` (the :class:`~turnstorm.loadgen.wire.UdpClient` owning ``sock``)
         the pump also reads the socket while the flow lasts, between its sends, instead
         of the hub's read watcher: echoes cost no wake-up of their own and never delay a
-        send by more than one batch of reads. With ``on_echo`` too, echoed frames go
-        straight to it (see the module docstring)."""
+        send by more than one batch of reads."""
         # spread the flows' phases over the interval: even batches, not one burst
         phases = max(1, round(interval / self.tick))
         # never a slot the running pump has passed already (it sends up to LEAD ahead)
@@ -139,8 +128,7 @@ class MediaPump:
                 self._poll.modify(flow.fd, select.EPOLLIN)
             receiver.detach_reader()
             flow.receiver = receiver
-            self._readers[flow.fd] = (receiver.read_one if on_echo is None else
-                                      _echo_reader(receiver, on_echo))
+            self._readers[flow.fd] = receiver.read_one
             self._owners[flow.fd] = flow
         self.wheel.setdefault(slot, []).append(flow)
         self.flows += 1
@@ -274,38 +262,3 @@ def _epoll() -> Any:
     factory = monkey.get_original("select", "epoll") if hasattr(select, "EPOLLIN") else None
     return factory() if factory is not None else None
 
-
-def _echo_reader(receiver: Any, on_echo: EchoHandler) -> Callable[[float], bool]:
-    """The pump's read of one datagram from ``receiver``'s socket: echoed frames to
-    ``on_echo``, anything else to the client's ``dispatch``. False when none is queued."""
-    recvmsg = receiver.sock.recvmsg
-    unpack = CHANNEL_HEADER.unpack_from
-    timespec = TIMESPEC.unpack
-    dispatch = receiver.dispatch
-    smallest = CHANNEL_HEADER.size
-    header = MEDIA_HEADER.size
-
-    def read(offset: float) -> bool:
-        # (a closed client's socket has left the pump's epoll set with its descriptor;
-        # a read racing the close fails with EBADF, which fails nothing that waits)
-        try:
-            data, ancillary, _, _ = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            receiver.unreachable(exc)
-            return True
-        if ancillary:
-            seconds, nanoseconds = timespec(ancillary[0][2])
-            now = seconds - offset + nanoseconds * 1e-9
-        else:
-            now = clock()
-        if len(data) >= smallest and 0x40 <= data[0] <= 0x4F:
-            _, length, seq, sent = unpack(data)
-            if header <= length <= len(data) - 4:
-                on_echo(seq, sent, now, length)
-            return True
-        dispatch(data, now)
-        return True
-
-    return read

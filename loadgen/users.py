@@ -38,7 +38,7 @@ from turnstorm.errors import AllocationMismatch, TurnstormError
 from turnstorm.loadgen.cgnat import Mapping, PortQuotaExhausted
 from turnstorm.loadgen.config import LoadgenConfig, config_from_options
 from turnstorm.loadgen.flood import flood
-from turnstorm.loadgen.media import MEDIA_HEADER, MediaFlow, media_pump
+from turnstorm.loadgen.media import MediaFlow, media_pump
 from turnstorm.loadgen.metrics import Histogram, MediaStats, StreamStats, merge_by_target
 from turnstorm.loadgen.shapes import no_backoff
 from turnstorm.loadgen.wire import UdpClient, WireError, clock
@@ -406,7 +406,6 @@ class TurnSessionUser(_RelayUser):
         stream = call.stream = StreamStats()
         self.state.live[self.number] = (str(self.target), stream)
         client = call.client
-        unpack = MEDIA_HEADER.unpack_from
         on_echo = stream.on_echo
 
         def echoed(seq: int, sent: float, at: float, size: int) -> None:
@@ -415,13 +414,8 @@ class TurnSessionUser(_RelayUser):
             call.interval_count += 1
             call.interval_bytes += size
 
-        def received(channel: int, payload: bytes, at: float) -> None:
-            if len(payload) >= MEDIA_HEADER.size:
-                seq, sent = unpack(payload)
-                echoed(seq, sent, at, len(payload))
-
-        # the hub's reader (before and after the flow) and the pump's (during it)
-        client.on_channel_data = received
+        # read by the hub (before and after the flow) and by the pump (during it)
+        client.on_echo = echoed
         start = clock()
         end = start + seconds
         timers = {"allocation": start + config.allocation_refresh,
@@ -433,7 +427,7 @@ class TurnSessionUser(_RelayUser):
         next_probe = start + config.summary_interval
         flow = call.flow = media_pump(self.state).add(client.sock, call.channel,
                                                       config.frame_interval, config.frame_bytes,
-                                                      receiver=client, on_echo=echoed)
+                                                      receiver=client)
         try:
             while True:
                 now = clock()

@@ -35,6 +35,9 @@ from turnstorm.proto.transaction import ClientTransaction, RetransmitPolicy
 
 ChannelHandler = Callable[[int, bytes, float], None]
 """Called with ``(channel, payload, received_at)`` for every ChannelData datagram."""
+EchoHandler = Callable[[int, float, float, int], None]
+"""Called with ``(seq, sent, received_at, size)`` for every echoed media frame: its
+sequence number, send time (the :func:`clock`) and payload size."""
 DataHandler = Callable[[Address, bytes, float], None]
 """Called with ``(peer, data, received_at)`` for every Data indication."""
 
@@ -47,12 +50,19 @@ METHOD_NAMES = {
 }
 RECV_SIZE = 65535
 _CHANNEL_HEADER = struct.Struct("!HH")
+MEDIA_HEADER = struct.Struct("!Id")
+"""Media payload header: sequence number and send time (the generator's clock)."""
+CHANNEL_HEADER = struct.Struct("!HHId")
+"""ChannelData header (channel, length) followed by the media header: one pack or unpack
+per frame."""
 SO_TIMESTAMPNS = 35
 """Linux ``SO_TIMESTAMPNS`` (its control message type has the same value); the socket
 module does not export it."""
-TIMESPEC = struct.Struct("@qq")
-"""The ``SO_TIMESTAMPNS`` control message payload (seconds, nanoseconds)."""
-ANCILLARY_SIZE = 64
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = 64
+_ECHO_UNPACK = CHANNEL_HEADER.unpack_from
+_ECHO_SIZE = CHANNEL_HEADER.size
+_MEDIA_SIZE = MEDIA_HEADER.size
 clock = time.perf_counter
 """The one clock of this module: request RTTs, retransmission deadlines, media stamps."""
 
@@ -103,6 +113,10 @@ class UdpClient:
         self.allocation: Allocation | None = None
         self.channels: dict[int, Address] = {}
         self.on_channel_data: ChannelHandler | None = None
+        self.on_echo: EchoHandler | None = None
+        """When set, takes ChannelData over from ``on_channel_data``: each echoed media
+        frame (payload starting with :data:`MEDIA_HEADER`) is unpacked in one go and
+        handed over, with no copy of the payload; shorter ChannelData is dropped."""
         self.on_data: DataHandler | None = None
         self.retransmits = 0
         """Requests sent again by the retransmission timer (amplification measure)."""
@@ -151,14 +165,14 @@ class UdpClient:
         if self._closed:
             return False
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(RECV_SIZE, ANCILLARY_SIZE)
+            data, ancillary, _, _ = self.sock.recvmsg(RECV_SIZE, _ANCILLARY_SIZE)
         except BlockingIOError:
             return False
         except OSError as exc:
             self.unreachable(exc)
             return True
         if ancillary:
-            seconds, nanoseconds = TIMESPEC.unpack(ancillary[0][2])
+            seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
             now = seconds - offset + nanoseconds * 1e-9
         else:
             now = clock()
@@ -173,9 +187,16 @@ class UdpClient:
 
     def dispatch(self, data: bytes, now: float) -> None:
         """Hand one received datagram (arrived at ``now``, :func:`clock`) to its
-        consumer: ChannelData to ``on_channel_data``, responses to their transactions,
-        Data indications to ``on_data``."""
+        consumer: ChannelData to ``on_echo`` or ``on_channel_data``, responses to their
+        transactions, Data indications to ``on_data``."""
         if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+            on_echo = self.on_echo
+            if on_echo is not None:
+                if len(data) >= _ECHO_SIZE:
+                    _, length, seq, sent = _ECHO_UNPACK(data)
+                    if _MEDIA_SIZE <= length <= len(data) - 4:
+                        on_echo(seq, sent, now, length)
+                return
             channel, length = _CHANNEL_HEADER.unpack_from(data)
             handler = self.on_channel_data
             if handler is not None and length <= len(data) - 4:

@@ -15,9 +15,9 @@ import gevent
 import pytest
 
 from turnstorm.loadgen.echo import EchoCounter, spawn_echo
-from turnstorm.loadgen.media import MEDIA_HEADER, MediaPump
+from turnstorm.loadgen.media import MediaPump
 from turnstorm.loadgen.metrics import Histogram, StreamStats
-from turnstorm.loadgen.wire import UdpClient
+from turnstorm.loadgen.wire import MEDIA_HEADER, UdpClient
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address
 
@@ -36,8 +36,8 @@ def echo() -> Iterator[tuple[Address, EchoCounter]]:
 def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
     relays: Any, echo: tuple[Address, EchoCounter], direct: bool
 ) -> None:
-    # direct: echoed frames go straight to the stream (on_echo); else through the
-    # client's on_channel_data. Control responses always go through the client.
+    # direct: echoed frames go straight to the stream (the client's on_echo); else
+    # through its on_channel_data. Control responses go to their transactions.
     relay = relays()
     peer, counter = echo
     state = SimpleNamespace(send_lag=Histogram(), limiter=None)
@@ -57,11 +57,13 @@ def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
                 seq, sent = MEDIA_HEADER.unpack_from(payload)
                 stream.on_echo(seq, sent, at, len(payload))
 
-            client.on_channel_data = received
+            if direct:
+                client.on_echo = stream.on_echo
+            else:
+                client.on_channel_data = received
             calls.append((client, channel, stream))
-        flows = [pump.add(client.sock, channel, 0.02, 160, receiver=client,
-                          on_echo=stream.on_echo if direct else None)
-                 for client, channel, stream in calls]
+        flows = [pump.add(client.sock, channel, 0.02, 160, receiver=client)
+                 for client, channel, _ in calls]
         # while the flows last, the hub's read watchers are off: the pump reads
         assert not any(client._watcher.active for client, _, _ in calls)
         gevent.sleep(0.5)

@@ -154,6 +154,29 @@ def test_refresh_mismatch_and_channel_data_dispatch(server_factory: Any) -> None
     assert server.requests[3].attributes["CHANNEL-NUMBER"] == 0x4000
 
 
+def test_echoed_media_frames_go_to_on_echo_whole_frames_only(server_factory: Any) -> None:
+    """With ``on_echo`` set, an echoed media frame is unpacked and handed over; ChannelData
+    too short to hold a media header is dropped; responses still reach their requests."""
+    from turnstorm.loadgen.wire import MEDIA_HEADER
+
+    server = server_factory([error(401), ALLOCATED, success(), success(),
+                             success(LIFETIME=600)])
+    echoes: list[tuple[int, float, int]] = []
+    with UdpClient(server.address, credentials=CREDS, policy=FAST) as client:
+        client.allocate()
+        client.create_permission(("127.0.0.1", 9))
+        channel, _ = client.channel_bind(("127.0.0.1", 9))
+        client.on_channel_data = lambda ch, payload, at: pytest.fail("on_echo takes over")
+        client.on_echo = lambda seq, sent, at, size: echoes.append((seq, sent, size))
+        client.send_channel(channel, MEDIA_HEADER.pack(7, 1.5) + bytes(148))
+        client.send_channel(channel, b"short")
+        client.send_channel(channel, MEDIA_HEADER.pack(8, 2.5))
+        granted, _ = client.refresh()
+        gevent.sleep(0.01)
+    assert echoes == [(7, 1.5, 160), (8, 2.5, 12)]
+    assert granted == 600
+
+
 def test_echo_peer_echoes() -> None:
     greenlet, address, counter = spawn_echo()
     try:
