@@ -8,6 +8,8 @@ plain ``locust -f`` run builds it from the command-line options that
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -123,8 +125,10 @@ class LoadgenConfig:
     def __post_init__(self) -> None:
         if not self.targets:
             raise ConfigError("at least one --target is needed")
-        if self.max_pps <= 0:
-            raise ConfigError("--max-pps must be positive")
+        if not (math.isfinite(self.max_pps) and self.max_pps > 0):
+            raise ConfigError("--max-pps must be a positive number (the bound is never off)")
+        if not (math.isfinite(self.binding_interval) and self.binding_interval >= 0):
+            raise ConfigError("--binding-interval must be 0 or a positive number of seconds")
         if self.crowd_size < 1:
             raise ConfigError("--crowd-size must be at least 1")
         if self.crowd_transport not in ("auto", "sockets", "raw"):
@@ -145,10 +149,20 @@ class LoadgenConfig:
 
 
 def parse_peer(text: str) -> Address:
+    """``IP:PORT`` or ``[IPv6]:PORT`` (an IP literal: the peer is allow-list checked)."""
     host, sep, port = text.rpartition(":")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"peer {text!r}: unbalanced brackets; expected IP:PORT or "
+                          "[IPv6]:PORT")
+    host = host[1:-1] if host.startswith("[") else host
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"peer {text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+        raise ConfigError(f"peer {text!r}: expected IP:PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"peer {text!r}: {host!r} is not an IP address (give the "
+                          "peer as an IP literal)") from None
+    return host, int(port)
 
 
 def parse_targets(texts: Sequence[str], allowed: Sequence[str] = ()) -> list[ServerUri]:

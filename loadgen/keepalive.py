@@ -311,9 +311,11 @@ class KeepaliveCrowd:
         self.pending_rtts, self.pending_total = {}, 0
         return taken
 
-    def run(self, duration: float | None = None, on_tick: Any = None) -> None:
+    def run(self, duration: float | None = None, on_tick: Any = None,
+            pace: Callable[[int], None] | None = None) -> None:
         """Send keepalives until ``duration`` passes (or forever); ``on_tick()`` is called
-        about every 100 ms (statistics flushing)."""
+        about every 100 ms (statistics flushing). ``pace(1)`` is charged before each request
+        (the process's ``--max-pps`` limiter; it may sleep)."""
         started = time.perf_counter()
         step = self.interval / self.count
         next_index = 0
@@ -330,6 +332,8 @@ class KeepaliveCrowd:
             while due > 0:
                 batch = min(due, self.count - next_index)
                 for index in range(next_index, next_index + batch):
+                    if pace is not None:
+                        pace(1)  # per packet: a whole round must not leave as one burst
                     if self.waiting[index]:
                         self.stats.unanswered += 1
                     number = self.round[index] = self.round[index] + 1
@@ -423,7 +427,7 @@ class IdleSubscribersUser(_RelayUser):
     @task
     def hold(self) -> None:
         try:
-            self.crowd.run(on_tick=self._flush)
+            self.crowd.run(on_tick=self._flush, pace=self.state.limiter.acquire)
         finally:
             self._flush()
 

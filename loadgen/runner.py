@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
+import gevent.event
 import locust  # noqa: F401 - first: it monkey-patches the process with gevent
 from gevent import subprocess as gsubprocess
 from locust.env import Environment
@@ -43,6 +45,8 @@ class RunResult:
     environment: Any
     state: LoadgenState
     elapsed: float
+    interrupted: bool = False
+    """Ctrl-C ended the run early; the figures cover the run until then."""
 
 
 def run_locust(
@@ -87,7 +91,11 @@ def run_locust(
     state.cgnat = None if workers else cgnat
     servers = []
     if metrics_port is not None:
-        servers.append(serve(environment, metrics_port, listen_host))
+        try:
+            servers.append(serve(environment, metrics_port, listen_host))
+        except OSError as exc:
+            raise TurnstormError(f"cannot serve metrics on {listen_host}:{metrics_port}: "
+                                 f"{exc.strerror or exc}") from None
     processes: list[Any] = []
     saved_argv = sys.argv
     runner: Any
@@ -112,15 +120,22 @@ def run_locust(
             runner.start_shape()
         else:
             runner.start(users, spawn_rate=spawn_rate)
+        # The first Ctrl-C ends the run early: the users stop (their calls release) and
+        # what was measured is reported. A second one, while stopping, aborts.
+        stop = gevent.event.Event()
+        on_interrupt = gevent.signal_handler(signal.SIGINT, stop.set)
         try:
             while True:
                 elapsed = time.monotonic() - started
                 if elapsed >= duration or (runner.state == STATE_STOPPED and elapsed > tick):
                     break
-                gevent.sleep(min(tick, duration - elapsed))
+                if stop.wait(min(tick, duration - elapsed)):
+                    print("interrupted: stopping the users...", file=sys.stderr, flush=True)
+                    break
                 if progress is not None:
                     progress(time.monotonic() - started, environment)
         finally:
+            on_interrupt.cancel()
             if workers:
                 stop_workers(runner, state, workers)
             runner.quit()
@@ -134,7 +149,7 @@ def run_locust(
             sys.argv = saved_argv
         for server in servers:
             server.stop()
-    return RunResult(environment, state, elapsed)
+    return RunResult(environment, state, elapsed, stop.is_set())
 
 
 def start_workers(config: LoadgenConfig, user_classes: Sequence[type[Any]], count: int,
@@ -162,7 +177,9 @@ def start_workers(config: LoadgenConfig, user_classes: Sequence[type[Any]], coun
                         "--metrics-host", listen_host]
         if dump_dir is not None:
             command += ["--dump", os.path.join(dump_dir, f"worker-{index}.json")]
-        process = gsubprocess.Popen(command, stdin=gsubprocess.PIPE)
+        # a session of its own: Ctrl-C reaches the master only, which stops the users
+        # and collects every worker's final report (see run_locust)
+        process = gsubprocess.Popen(command, stdin=gsubprocess.PIPE, start_new_session=True)
         process.stdin.write(payload)
         process.stdin.close()
         processes.append(process)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ipaddress
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -32,9 +35,25 @@ from turnstorm.uri import check_target
 
 MAX_DURATION = 24 * 3600.0
 MAX_WORKERS = 64
+EXIT_NOTHING_MEASURED = 3
+"""Exit status of a storm that measured nothing: no echoed media for a mix that makes
+calls, no successful request for ``stun`` and ``idle`` (the table is still printed)."""
+EXIT_INTERRUPTED = 130
 IDEAL = {"latency": "< 150 ms", "loss": "< 1 %", "jitter": "< 20 ms",
          "relay overhead": "0-30 ms"}
 """The human-call column of the design's table."""
+SHAPE_PARAMS = {
+    "steady": ("users", "spawn_rate"),
+    "ramp": ("start_users", "end_users", "ramp_seconds"),
+    "reconnect-storm": ("users", "storm_at", "fraction", "window", "drop_seconds"),
+    "flash-crowd": ("base_users", "peak_users", "at_seconds", "rise_seconds",
+                    "hold_seconds"),
+    "diurnal": ("min_users", "max_users", "period"),
+    "retransmit-amplification": ("base_users", "wave_users", "storm_at", "window",
+                                 "no_backoff_fraction"),
+}
+"""Each shape's parameters, for ``--help`` (this module does not import Locust; a test
+keeps it equal to :data:`turnstorm.loadgen.shapes.SHAPES`)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,8 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "by the open-file limit); auto picks sockets while the limit allows "
                         "(default auto)")
     p.add_argument("--shape", default="steady",
-                   help="load shape: steady, ramp, reconnect-storm, flash-crowd, diurnal, "
-                        "retransmit-amplification")
+                   help="load shape (default steady); its parameters, set with "
+                        "--shape-param: " + "; ".join(
+                            f"{name}: {', '.join(params)}"
+                            for name, params in SHAPE_PARAMS.items()))
     p.add_argument("--shape-param", action="append", default=[], metavar="KEY=VALUE",
                    help="shape parameter, e.g. fraction=0.5 (repeatable)")
     p.add_argument("--users", type=int, default=10,
@@ -73,7 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", default="uniform:10-30",
                    help="call length: fixed:S, uniform:A-B or exp:MEAN (default uniform:10-30)")
     p.add_argument("--binding-interval", type=float, default=0.0,
-                   help="seconds between one STUN user's Bindings (0: flood; default 0)")
+                   help="seconds between one STUN user's Bindings (0: flood), or between "
+                        "an idle subscriber's keepalives with --mix idle (0: 20 s); "
+                        "default 0")
     p.add_argument("--flood-window", type=int, default=0, metavar="N",
                    help="STUN flood users keep N Bindings in flight, batched (default 0: "
                         "one at a time)")
@@ -100,14 +123,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.duration <= MAX_DURATION:
         raise ConfigError(f"--duration must be between 0 and {MAX_DURATION:g} seconds")
-    if args.users < 0 or args.spawn_rate <= 0:
-        raise ConfigError("--users must be >= 0 and --spawn-rate positive")
+    if args.users < 0 or not (math.isfinite(args.spawn_rate) and args.spawn_rate > 0):
+        raise ConfigError("--users must be >= 0 and --spawn-rate a positive number")
     for option, port in (("--metrics-port", args.metrics_port), ("--web", args.web)):
         if port is not None and not 0 < port < 65536:
             raise ConfigError(f"{option} must be between 1 and 65535")
     if not 0 <= args.workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be between 0 and {MAX_WORKERS}")
     targets = parse_targets(args.target, args.allow_target)
+    if args.mix in ("turn", "both", "ice") and args.peer is None:
+        remote = [str(t) for t in targets if not ipaddress.ip_address(t.host).is_loopback]
+        if remote:
+            raise ConfigError(f"{', '.join(remote)} is not on this host: give --peer IP:PORT, "
+                              "an echo peer the relay can reach (the built-in one listens "
+                              "on 127.0.0.1, which a remote relay cannot reach and a "
+                              "secure one refuses)")
     secret = read_secret(args.secret_file) if args.secret_file else None
     if args.mix not in ("stun", "idle") and secret is None:
         raise ConfigError("TURN users need --secret-file (or use --mix stun)")
@@ -116,14 +146,28 @@ def run(args: argparse.Namespace) -> int:
     if peer is not None:
         check_target(peer[0], args.allow_target)
     cgnat = _cgnat(args.cgnat) if args.cgnat else None
+    crowd_transport = args.crowd_transport
     if args.mix == "idle":
         from turnstorm.loadgen.keepalive import choose_transport
 
+        # every user of a process holds its own crowd: size the check for all of them
+        per_process = math.ceil(args.users / max(1, args.workers)) * args.crowd_size
+        chosen = set()
         for target in targets:
             try:
-                choose_transport(target.address, args.crowd_size, args.crowd_transport)
+                chosen.add(choose_transport(target.address, max(1, per_process),
+                                            args.crowd_transport))
             except OSError as exc:
-                raise ConfigError(f"--mix idle against {target}: {exc}") from None
+                raise ConfigError(f"--mix idle with {args.users} users of "
+                                  f"{args.crowd_size} subscribers against {target}: "
+                                  f"{exc}") from None
+        if len(chosen) == 1:
+            crowd_transport = chosen.pop()
+    if args.out:
+        _prepare_out(args.out)
+    for option, port in (("--metrics-port", args.metrics_port), ("--web", args.web)):
+        if port is not None:
+            _check_port(option, _listen_host(args.listen_host), port)
     echo = None
     if peer is None and args.mix in ("turn", "both"):
         echo, peer = start_echo_process()
@@ -132,17 +176,64 @@ def run(args: argparse.Namespace) -> int:
             targets=targets, secret=secret, peer=peer,
             session_length=SessionLength.parse(args.session), max_pps=args.max_pps,
             binding_interval=args.binding_interval, flood_window=args.flood_window,
-            crowd_size=args.crowd_size, crowd_transport=args.crowd_transport)
+            crowd_size=args.crowd_size, crowd_transport=crowd_transport)
         result = _run_locust(args, config, shape_params, cgnat)
     finally:
         if echo is not None:
             echo.terminate()
             echo.wait(5)
     report = build_report(result, args)
+    print_table(report)
     if args.out:
         write_outputs(args.out, report, result)
-    print_table(report)
+        print(f"results written to {args.out}", file=sys.stderr)
+    if result.interrupted:
+        print(f"interrupted after {result.elapsed:.1f} s: the figures cover the run so far",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.mix in ("turn", "both", "ice"):
+        if not report["media_measured"]:
+            print("no media was measured: " + _failure_summary(result), file=sys.stderr)
+            return EXIT_NOTHING_MEASURED
+    elif not any(entry["count"] > entry["failures"]
+                 for entry in report["transactions"].values()):
+        print("no request succeeded: " + _failure_summary(result), file=sys.stderr)
+        return EXIT_NOTHING_MEASURED
     return 0
+
+
+def _prepare_out(directory: str) -> None:
+    """Fail before the run, not after it, when results cannot be written."""
+    probe = os.path.join(directory, ".turnstorm-write-test")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w", encoding="utf8"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--out {directory}: cannot write there: "
+                          f"{exc.strerror or exc}") from None
+
+
+def _check_port(option: str, host: str, port: int) -> None:
+    """Fail before the run when ``option``'s listening port cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{option} {port}: cannot listen on {host}:{port}: "
+                              f"{exc.strerror or exc}") from None
+
+
+def _failure_summary(result: Any) -> str:
+    """The most frequent failure reasons Locust recorded (or a hint when none were)."""
+    errors = sorted(result.environment.stats.errors.values(), key=lambda e: -e.occurrences)
+    if not errors:
+        return "no failure was recorded (no user started, or no call reached its media)"
+    return "; ".join(f"{e.method} {e.name}: {e.error} (x{e.occurrences})"
+                     for e in errors[:3])
 
 
 def _run_locust(args: argparse.Namespace, config: LoadgenConfig,
@@ -198,15 +289,26 @@ def _shape_params(items: list[str]) -> dict[str, float]:
 
 
 def _cgnat(text: str) -> Any:
-    from turnstorm.loadgen.cgnat import Population
+    from turnstorm.loadgen.cgnat import DEFAULT_PORT_MIN, Population
 
+    usage = f"--cgnat {text!r}: expected GATEWAYS:QUOTA:TIMEOUT, e.g. 4:64:120"
     parts = text.split(":")
     try:
         gateways, quota, timeout = int(parts[0]), int(parts[1]), float(parts[2])
-        return Population.build(gateways, quota, timeout, hold=2.0)
     except (IndexError, ValueError):
-        raise ConfigError(f"--cgnat {text!r}: expected GATEWAYS:QUOTA:TIMEOUT with "
-                          "positive numbers, e.g. 4:64:120") from None
+        raise ConfigError(usage) from None
+    if len(parts) != 3:
+        raise ConfigError(usage)
+    most = 65536 - DEFAULT_PORT_MIN
+    if not 1 <= gateways <= 65536:
+        raise ConfigError(f"{usage}; GATEWAYS must be between 1 and 65536")
+    if not 1 <= quota <= most:
+        raise ConfigError(f"{usage}; QUOTA (ports per gateway, from {DEFAULT_PORT_MIN}) "
+                          f"must be between 1 and {most}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"{usage}; TIMEOUT (seconds a mapping lives unused) must be "
+                          "a positive number")
+    return Population.build(gateways, quota, timeout, hold=2.0)
 
 
 def start_echo_process() -> tuple[subprocess.Popen[str], Address]:
@@ -268,6 +370,7 @@ def build_report(result: Any, args: argparse.Namespace) -> dict[str, Any]:
         "retransmits": {"backoff": counters["retransmits_backoff"],
                         "no_backoff": counters["retransmits_no_backoff"]},
         "packets": summary["packets"],
+        "media_measured": summary["packets"]["received"] > 0,
         "send_lag_ms": state.send_lag.summary_ms(),
         "transactions": transactions(result.environment),
         "targets": {key: stats.as_dict() for key, stats in state.media.items()},
@@ -312,8 +415,13 @@ def write_outputs(directory: str, report: dict[str, Any], result: Any) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    """The four figures next to the ideal column. Without a single echoed media packet
+    the media figures read ``n/a`` (and OUTSIDE for a mix that makes calls), never 0."""
     rtt = report["rtt_ms"]
     overhead = report["relay_overhead_ms"]
+    measured = report["media_measured"]
+    calls = report["run"]["mix"] in ("turn", "both", "ice")
+    missing = "n/a (no media)"
     rows = [
         ("latency (media RTT p50/p99)", f"{rtt['p50']:.2f} / {rtt['p99']:.2f} ms",
          IDEAL["latency"], rtt["p99"] < 150),
@@ -324,6 +432,8 @@ def print_table(report: dict[str, Any]) -> None:
         ("relay overhead", "n/a" if overhead is None else f"{overhead:.2f} ms",
          IDEAL["relay overhead"], overhead is not None and overhead <= 30),
     ]
+    if not measured:
+        rows = [(label, missing, ideal, not calls) for label, _, ideal, _ in rows]
     print(f"{'figure':<30}{'measured':>22}  {'ideal':<10}")
     for label, value, ideal, ok in rows:
         print(f"{label:<30}{value:>22}  {ideal:<10}{'' if ok else '  OUTSIDE'}")

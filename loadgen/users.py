@@ -289,6 +289,7 @@ class StunBindingUser(_RelayUser):
         if self.client is None:
             self.client = UdpClient(self.target.address, local=self.local_address(),
                                     policy=self.policy)
+            self.client.pace = self.state.limiter.acquire
         return self.client
 
     @task
@@ -385,10 +386,15 @@ class TurnSessionUser(_RelayUser):
             self.fire("TURN", "Allocate", 0.0, exception=exc)
             self.state.count("allocations_failed")
             return
+        client.pace = self.state.limiter.acquire
         call = self.call_state = _Call(client)
         self.state.count("calls")
         media = self.state.media_for(self.target)
-        self.operation("STUN", "Binding", lambda: (None, client.binding()[1]))
+        try:
+            self.operation("STUN", "Binding", lambda: (None, client.binding()[1]))
+        except OperationFailed:
+            self.state.count("allocations_failed")  # the call never got to its Allocate
+            raise
         media.binding_rtt.record_seconds(client.last_rtt)
         try:
             self.operation("TURN", "Allocate", lambda: client.allocate(config.lifetime))

@@ -120,6 +120,9 @@ class UdpClient:
         self.on_data: DataHandler | None = None
         self.retransmits = 0
         """Requests sent again by the retransmission timer (amplification measure)."""
+        self.pace: Callable[[int], None] | None = None
+        """Charged one packet before each retransmission (the process's ``--max-pps``
+        limiter; it may sleep), so retransmissions stay inside the rate bound."""
         self.parse_errors = 0
         self.last_rtt = 0.0
         """RTT of the last completed transaction, seconds."""
@@ -260,6 +263,8 @@ class UdpClient:
                     return message, self.last_rtt
                 if transaction.on_timer(clock()):
                     self.retransmits += 1
+                    if self.pace is not None:
+                        self.pace(1)
                     sent_at = clock()
                     self.send_raw(data)
         finally:

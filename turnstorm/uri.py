@@ -89,19 +89,24 @@ def parse_uri(text: str) -> ServerUri:
 def check_target(host: str, allowed: Iterable[str] = ()) -> None:
     """Raise :class:`TargetNotAllowed` unless ``host`` is loopback or in ``allowed``.
 
-    ``allowed`` holds addresses or CIDR networks the user named (``--allow-target``).
+    ``allowed`` holds addresses or CIDR networks the user named (``--allow-target``);
+    every entry is checked, so a typo is reported even when an earlier entry matches.
     """
-    address = ipaddress.ip_address(host)
-    if any(address in net for net in LOOPBACK):
-        return
+    networks = []
     for entry in allowed:
         try:
-            network = ipaddress.ip_network(entry, strict=False)
+            networks.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
             raise TargetNotAllowed(f"--allow-target {entry!r} is not an address or "
                                    "CIDR network") from None
-        if address in network:
-            return
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise TargetNotAllowed(f"target {host!r} is not an IP address") from None
+    if any(address in net for net in LOOPBACK):
+        return
+    if any(address in network for network in networks):
+        return
     raise TargetNotAllowed(
         f"target {host} is not on loopback; name it with --allow-target {host} "
         "if you own it"
