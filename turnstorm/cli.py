@@ -41,7 +41,11 @@ def _add_probe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     auth.add_argument("--secret-file", metavar="FILE",
                       help="shared secret of coturn's use-auth-secret (TURN REST credentials)")
     auth.add_argument("--user", help="long-term credential username")
-    auth.add_argument("--password", help="long-term credential password")
+    auth.add_argument("--password-file", metavar="FILE",
+                      help="file holding the long-term credential password (kept off the "
+                           "command line, where other users of the host can read it)")
+    auth.add_argument("--password", help="long-term credential password (prefer "
+                                         "--password-file)")
     p.add_argument("--peer", metavar="HOST:PORT",
                    help="UDP echo peer behind the relay (default: a built-in one on loopback)")
     p.add_argument("--samples", type=int, default=5,
@@ -71,16 +75,19 @@ def _run_probe(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise TurnstormError(f"--peer {exc}") from None
         check_target(peer[0], args.allow_target)
+    if args.password and args.password_file:
+        raise TurnstormError("give either --password or --password-file, not both")
+    password = load_secret(args.password_file) if args.password_file else args.password
     if args.secret_file:
-        if args.user or args.password:
+        if args.user or password:
             raise TurnstormError("give either --secret-file or --user/--password, not both")
         credentials = Credentials.ephemeral(load_secret(args.secret_file), "turnstorm-probe",
                                             time.time())
-    elif args.user and args.password:
-        credentials = Credentials(args.user, args.password)
+    elif args.user and password:
+        credentials = Credentials(args.user, password)
     else:
         raise TurnstormError("probe needs credentials: --secret-file FILE, or --user and "
-                             "--password")
+                             "--password-file (or --password)")
     try:
         result = _asyncio_run(probe(uri, credentials, peer=peer, samples=args.samples,
                                     timeout=args.timeout))

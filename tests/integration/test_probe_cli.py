@@ -202,4 +202,16 @@ def test_refused_peer(relay: LocalRelay, secret_file: str) -> None:
 
 def test_no_credentials(relay: LocalRelay) -> None:
     assert_fails(run_probe(uri(relay)),
-                 "probe needs credentials: --secret-file FILE, or --user and --password")
+                 "probe needs credentials: --secret-file FILE, or --user and "
+                 "--password-file (or --password)")
+
+
+def test_password_file_errors(relay: LocalRelay, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.txt"
+    assert_fails(run_probe(uri(relay), "--user", "alice", "--password-file", str(missing)),
+                 f"cannot read secret file {missing}: No such file or directory")
+    given = tmp_path / "password.txt"
+    given.write_text("wonderland\n")
+    assert_fails(run_probe(uri(relay), "--user", "alice", "--password-file", str(given),
+                           "--password", "wonderland"),
+                 "give either --password or --password-file, not both")
