@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
+import locust.exception
 from locust import task
 
 from turnstorm.loadgen.flood import log_bulk
@@ -419,8 +420,14 @@ class IdleSubscribersUser(_RelayUser):
     def on_start(self) -> None:
         config = self.state.config
         interval = config.binding_interval or DEFAULT_INTERVAL
-        self.crowd = KeepaliveCrowd(self.target.address, config.crowd_size, interval,
-                                    config.crowd_transport)
+        try:
+            self.crowd = KeepaliveCrowd(self.target.address, config.crowd_size, interval,
+                                        config.crowd_transport)
+        except OSError as exc:  # e.g. out of open files: one line, not a traceback
+            logger.error("idle subscribers of user %d: cannot open the crowd: %s",
+                         self.number, exc.strerror or exc)
+            self.fire("STUN", "Keepalive", 0.0, exception=exc)
+            raise locust.exception.StopUser() from None
         for note in self.crowd.notes:
             logger.warning("idle subscribers: %s", note)
 
@@ -438,4 +445,6 @@ class IdleSubscribersUser(_RelayUser):
         self.state.media_for(self.target).binding_rtt.add_counts(buckets, total, low, high)
 
     def on_stop(self) -> None:
-        self.crowd.close()
+        crowd: KeepaliveCrowd | None = getattr(self, "crowd", None)
+        if crowd is not None:  # None when on_start could not open it
+            crowd.close()
