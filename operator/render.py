@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from turnstorm.coturnconf import RelayConfig, render
+from turnstorm.coturnconf import DEFAULT_DENIED_PEERS, RelayConfig, render
 from turnstorm.spec import API_VERSION, TurnPoolSpec
 
 Manifest = dict[str, Any]
@@ -65,7 +65,8 @@ def relay_config(spec: TurnPoolSpec) -> RelayConfig:
         tcp=spec.tcp_port != 0,
         min_port=spec.relay_port_min,
         max_port=spec.relay_port_max,
-        denied_peers=list(spec.denied_peers),
+        # the built-in ranges always; the spec can add ranges, only allowedPeerCIDRs opens
+        denied_peers=list(dict.fromkeys([*DEFAULT_DENIED_PEERS, *spec.denied_peers])),
         allowed_peers=list(spec.allowed_peers),
         user_quota=spec.user_quota,
         total_quota=spec.total_quota,

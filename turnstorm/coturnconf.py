@@ -97,6 +97,26 @@ class RelayConfig:
             raise ConfigError("the coturn CLI needs a password when it is on")
         if not self.realm:
             raise ConfigError("realm must not be empty")
+        # one line per option: a value carrying whitespace or a control character could
+        # end its line and add options of its own (an open relay, a secret in a ConfigMap)
+        values = {"realm": self.realm, "relay_ip": self.relay_ip,
+                  "external_ip": self.external_ip, "cli_password": self.cli_password,
+                  "log_file": self.log_file, "pid_file": self.pid_file, "userdb": self.userdb}
+        values.update({f"listening_ips[{i}]": v for i, v in enumerate(self.listening_ips)})
+        values.update({f"denied_peers[{i}]": v for i, v in enumerate(self.denied_peers)})
+        values.update({f"allowed_peers[{i}]": v for i, v in enumerate(self.allowed_peers)})
+        for name, value in values.items():
+            if value is not None and (not value.isprintable() or any(c.isspace()
+                                                                    for c in value)):
+                raise ConfigError(f"{name} {value!r} contains whitespace or a control "
+                                  "character")
+        for name in ("relay_ip", "external_ip"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    ipaddress.ip_address(value)
+                except ValueError:
+                    raise ConfigError(f"{name} {value!r} is not an IP address") from None
         for quota, name in ((self.user_quota, "user_quota"), (self.total_quota, "total_quota")):
             if quota <= 0:
                 raise ConfigError(f"{name} must be positive (0 would mean unlimited)")

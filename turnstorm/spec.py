@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -92,6 +93,8 @@ def check_schema(value: Any, node: dict[str, Any], path: str) -> None:
             raise SpecError(f"{path}: should be at least {node['minLength']} chars long")
         if "maxLength" in node and len(value) > node["maxLength"]:
             raise SpecError(f"{path}: may not be more than {node['maxLength']} bytes")
+        if "pattern" in node and not re.search(node["pattern"], value):
+            raise SpecError(f"{path}: {value!r} should match '{node['pattern']}'")
     if kind == "object":
         props = node.get("properties", {})
         for name in node.get("required", []):
@@ -130,6 +133,14 @@ def _is_cidr(text: str) -> bool:
     return True
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _listener_ports_outside(s: dict[str, Any]) -> bool:
     ports = [s["listeners"]["udp"], s["listeners"]["tcp"], s["listeners"].get("tls", 0)]
     lo, hi = s["relayPorts"]["min"], s["relayPorts"]["max"]
@@ -139,6 +150,7 @@ def _listener_ports_outside(s: dict[str, Any]) -> bool:
 # Every CEL rule in crds/*.yaml, by its exact text, with an equivalent Python check.
 # tests/unit/test_spec.py proves each rule has one and that both agree.
 CEL_RULES: dict[str, Callable[[Any], bool]] = {
+    "isIP(self)": _is_ip,
     "self.replicas.min <= self.replicas.max":
         lambda s: s["replicas"]["min"] <= s["replicas"]["max"],
     "self.replicas.target >= self.replicas.min && self.replicas.target <= self.replicas.max":

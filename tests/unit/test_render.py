@@ -85,6 +85,36 @@ def test_allowed_peers_lift_the_default_denial() -> None:
     assert "denied-peer-ip=172.16.0.0-172.31.255.255" in conf
 
 
+def test_denied_peers_add_to_the_default_denial() -> None:
+    """Naming a range to deny never lifts a built-in one (only allowedPeerCIDRs does)."""
+    obj = example("turnpool.yaml")
+    obj["spec"]["security"] = {"deniedPeerCIDRs": ["203.0.113.0/24", "10.0.0.0/8"]}
+    conf = turnserver_conf(turnpool_from_object(obj)).splitlines()
+    denied = [line for line in conf if line.startswith("denied-peer-ip=")]
+    assert "denied-peer-ip=203.0.113.0-203.0.113.255" in denied
+    for built_in in ("10.0.0.0-10.255.255.255", "100.64.0.0-100.127.255.255",
+                     "169.254.0.0-169.254.255.255", "192.168.0.0-192.168.255.255"):
+        assert f"denied-peer-ip={built_in}" in denied
+    assert len(denied) == len(set(denied))  # 10/8 once
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("realm", "example.org\nallowed-peer-ip=0.0.0.0-255.255.255.255"),
+    ("external_ip", "203.0.113.7\ncli-ip=0.0.0.0"),
+    ("external_ip", "relay.example.org"),
+])
+def test_a_value_cannot_add_lines_to_the_relay_config(field: str, value: str) -> None:
+    import dataclasses
+
+    from turnstorm.coturnconf import ConfigError, render
+    from turnstorm.operator.render import relay_config
+
+    config = dataclasses.replace(relay_config(turnpool_from_object(example("turnpool.yaml"))),
+                                 **{field: value})
+    with pytest.raises(ConfigError, match=r"contains whitespace|is not an IP address"):
+        render(config)
+
+
 def test_render_cli_errors_are_one_line(tmp_path: pathlib.Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"

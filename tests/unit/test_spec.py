@@ -45,7 +45,7 @@ def test_defaults_match_the_crd() -> None:
     assert (spec.udp_port, spec.tcp_port, spec.tls_port) == (3478, 3478, None)
     assert (spec.relay_port_min, spec.relay_port_max) == (61000, 65535)
     assert spec.secret_key == "secret"
-    assert "169.254.0.0/16" in spec.denied_peers and "100.64.0.0/10" in spec.denied_peers
+    assert spec.denied_peers == []  # added to the built-in ranges (see test_render)
     assert spec.allowed_peers == []
     assert spec.scaling.targets == {"allocationsPerRelay": 400.0}
     assert spec.scaling.scale_up.pods == 4 and spec.scaling.scale_up.percent == 100
@@ -75,6 +75,9 @@ CEL_CASES = [
      "spec.scaling.targets.allocationsPerRelay: each allocation needs one relay port"),
     ({"security": {"userQuota": 50, "totalQuota": 10}},
      "spec: Invalid value: spec.security.userQuota must not exceed spec.security.totalQuota"),
+    ({"exposure": {"type": "LoadBalancer", "externalIP": "203.0.113.7\ncli-ip=0.0.0.0"}},
+     "spec.exposure.externalIP: Invalid value: spec.exposure.externalIP must be an IP "
+     "address"),
     ({"security": {"deniedPeerCIDRs": ["10.0.0.0/8", "not-a-cidr"]}},
      "spec.security.deniedPeerCIDRs: Invalid value: spec.security.deniedPeerCIDRs entries "
      "must be CIDR networks like 10.0.0.0/8"),
@@ -95,6 +98,8 @@ def test_cel_rules_reject_with_exact_message(spec: dict[str, Any], message: str)
      '"LoadBalancer", "NodePort"'),
     ({"replicas": {"min": "two"}}, "spec.replicas.min: must be an integer, got str 'two'"),
     ({"bogus": 1}, "spec.bogus: unknown field"),
+    ({"realm": "example.org\nallow-loopback-peers"},
+     "spec.realm: 'example.org\\nallow-loopback-peers' should match '^[!-~]+$'"),
     ({"resources": {"cpu": "lots"}},
      "spec.resources.cpu: 'lots' is not a CPU quantity like 500m or 2"),
 ])
