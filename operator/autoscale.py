@@ -49,6 +49,9 @@ REMOVE_GRACE_SECONDS = 30.0
 not-ready pods before deletion cost, so if the removed relay still exists after this
 grace the operator deletes it itself (replicas already count it out)."""
 DRAINING_COST = "-1000000"
+REMOVED_COST = "-2147483648"
+"""Lower than any draining relay's: of the pods it may delete, the ReplicaSet picks the
+removed ones, not a draining relay that still carries calls (both would otherwise tie)."""
 
 
 @dataclass
@@ -278,7 +281,8 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         sample = by_name[name]
         why = ("no allocations left" if sample.allocations == 0
                else f"drain deadline passed with {_allocs(sample)} allocations")
-        kube.patch_pod_metadata(spec.namespace, name, {}, {REMOVED_AT: iso(wall)})
+        kube.patch_pod_metadata(spec.namespace, name, {},
+                                {REMOVED_AT: iso(wall), DELETION_COST: REMOVED_COST})
         events.append(("Normal" if sample.allocations == 0 else "Warning", "Remove",
                        f"relay {name} removed: {why}"))
 

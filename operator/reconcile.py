@@ -99,8 +99,15 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
         outcome.changed.append(f"Secret/{cli['metadata']['name']}")
 
     replicas = desired_replicas(spec, old_status)
+    pods = deployment_replicas(spec, old_status)
+    if spec.scaling.enabled:
+        # Never fewer pods than now: a lower max (or a stale status) is reached by the
+        # autoscaler draining relays, not by the ReplicaSet deleting relays with calls.
+        current = kube.get("apps/v1", "Deployment", spec.namespace, spec.name)
+        if current is not None:
+            pods = max(pods, int(current.get("spec", {}).get("replicas") or 0))
     objects = render.render_pool(
-        spec, replicas=deployment_replicas(spec, old_status), exporter_image=exporter_image,
+        spec, replicas=pods, exporter_image=exporter_image,
         service_monitor_available=spec.service_monitor
         and kube.has_resource("monitoring.coreos.com/v1", "ServiceMonitor"),
     )

@@ -200,10 +200,13 @@ class Autoscaler:
         count = len(active)
         ratios: dict[str, float] = {}
         recs: dict[str, int] = {}
+        unreported: list[str] = []
         for signal, target in self._targets().items():
             result = self._signal_recommendation(now, signal, target, active)
             if result is not None:
                 ratios[signal], recs[signal] = result
+            else:
+                unreported.append(signal)
         storm_floor = self._storm_floor(active)
         if storm_floor is not None:
             recs[storm_floor[0]] = storm_floor[1]
@@ -216,6 +219,10 @@ class Autoscaler:
             reason = f"{limiting} asks for {recommendation}"
             if limiting in ratios:
                 reason += f" (ratio {ratios[limiting]:.2f})"
+            if unreported and recommendation < count:
+                # as HPA: while any target's signal is missing, never scale down
+                recommendation = count
+                reason += f"; no data for {', '.join(unreported)}: holding size"
         desired = self._stabilize(now, recommendation, count)
         desired = self._rate_limit(now, desired, count)
         desired = max(self.min_replicas, min(self.max_replicas, desired))

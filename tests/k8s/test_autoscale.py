@@ -234,6 +234,9 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
             assert removed == [f"relay {pods[1]} removed: no allocations left"]
             meta = (get(control_plane, "pod", pods[1], namespace) or {}).get("metadata", {})
             assert "turnstorm.io/removed-at" in meta.get("annotations", {})
+            # below every draining relay's cost: the ReplicaSet deletes this one
+            assert meta["annotations"]["controller.kubernetes.io/pod-deletion-cost"] == \
+                "-2147483648"
     finally:
         for group in clients.values():
             for client in group:

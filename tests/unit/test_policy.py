@@ -236,6 +236,20 @@ def test_missing_data_never_scales_down_even_after_the_window() -> None:
     assert decision.reason == "no signal data: holding size"
 
 
+def test_a_target_without_data_blocks_scale_down_but_not_scale_up() -> None:
+    """Two targets; the exporters are down (no allocations) while the probe answers fast:
+    the probe alone must not scale the pool down (HPA skips scale-down when any metric is
+    unavailable), but it may still scale up."""
+    targets = {"allocationsPerRelay": 400, "probeRttMs": 50}
+    scaler = Autoscaler(policy(targets, down_window=0), 1, 10)
+    down = scaler.evaluate(0.0, relays(None, None, None, probe_rtt_ms=[2.0, 2.0, 2.0]))
+    assert (down.desired, down.drain) == (3, [])
+    assert down.reason == ("probe_rtt_ms asks for 1 (ratio 0.04); no data for allocations: "
+                           "holding size")
+    up = scaler.evaluate(15.0, relays(None, None, None, probe_rtt_ms=[100.0, 100.0, 100.0]))
+    assert up.desired == 6
+
+
 # -- placement pack ---------------------------------------------------------------------------
 
 OPEN_CASES = [
