@@ -129,6 +129,11 @@ class ExporterScraper:
         return out
 
 
+SCRAPE_LABELS = frozenset({"__name__", "job", "instance", "endpoint", "service",
+                           "container", "namespace", "pod", "prometheus", "pool"})
+"""Labels that name where a series was scraped from, not which series it is."""
+
+
 class PrometheusSource:
     """Reads the exporters' series from Prometheus (``pod`` label from the ServiceMonitor)."""
 
@@ -155,15 +160,23 @@ class PrometheusSource:
                 payload = json.load(response)
         except (OSError, ValueError, urllib.error.URLError):
             return out
+        # One exporter may be scraped by several jobs (a ServiceMonitor and a PodMonitor):
+        # the same series then arrives once per job. Keep one value per series (the
+        # labels other than the scrape target's), then add up a metric's series per pod.
+        series: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         for item in payload.get("data", {}).get("result", []):
             metric = item.get("metric", {})
             pod = metric.get("pod")
             name = metric.get("__name__", "")
             if pod not in out or not name.startswith("turnstorm_relay_"):
                 continue
+            own = tuple(sorted((k, v) for k, v in metric.items() if k not in SCRAPE_LABELS))
+            value = float(item["value"][1])
+            key = (pod, name[len("turnstorm_relay_"):], own)
+            series[key] = max(series.get(key, value), value)
+        for (pod, signal, _), value in series.items():
             values = out[pod] or {}
-            key = name[len("turnstorm_relay_"):]
-            values[key] = values.get(key, 0.0) + float(item["value"][1])
+            values[signal] = values.get(signal, 0.0) + value
             out[pod] = values
         return out
 
