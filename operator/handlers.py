@@ -163,8 +163,9 @@ def track(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None
             spec = turnpool_from_object(raw)
         except SpecError:
             return  # reported by the change handler
-        if spec.scaling.enabled and status.get("conditions") and any(
-                c.get("reason") != "SecretMissing" for c in status["conditions"]):
+        if spec.scaling.enabled and status.get("conditions") and not any(
+                c.get("reason") in ("SecretMissing", "InvalidSpec")
+                for c in status["conditions"]):
             before = dict(status)
             _autoscale(body, spec, memo, status)
             for key, value in status.items():

@@ -13,7 +13,17 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.exceptions import (
+    NotFoundError,
+    ResourceNotFoundError,
+    UnprocessibleEntityError,
+)
+
+from turnstorm.errors import TurnstormError
+
+
+class Rejected(TurnstormError):
+    """The apiserver refused a rendered object (422): a spec value its schema rejects."""
 
 FIELD_MANAGER = "turnstorm-operator"
 
@@ -62,10 +72,14 @@ class Kube:
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply: idempotent, an unchanged object is not written again."""
         meta = obj["metadata"]
-        result = self.resource(obj["apiVersion"], obj["kind"]).server_side_apply(
-            body=obj, name=meta["name"], namespace=meta.get("namespace"),
-            field_manager=FIELD_MANAGER, force_conflicts=True,
-        )
+        try:
+            result = self.resource(obj["apiVersion"], obj["kind"]).server_side_apply(
+                body=obj, name=meta["name"], namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER, force_conflicts=True,
+            )
+        except UnprocessibleEntityError as exc:
+            raise Rejected(f"the apiserver rejected {obj['kind']} {meta['name']}: "
+                           f"{_api_message(exc)}") from None
         applied: dict[str, Any] = result.to_dict()
         return applied
 
@@ -127,3 +141,13 @@ class Kube:
 
 def random_password() -> str:
     return secrets.token_urlsafe(24)
+
+
+def _api_message(exc: Exception) -> str:
+    """The ``message`` of a Kubernetes Status body, else the exception's text."""
+    import json
+
+    try:
+        return str(json.loads(getattr(exc, "body", "") or "{}")["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(exc)

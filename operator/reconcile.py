@@ -7,8 +7,9 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
+from turnstorm.coturnconf import ConfigError
 from turnstorm.operator import render
-from turnstorm.operator.kube import Kube, random_password
+from turnstorm.operator.kube import Kube, Rejected, random_password
 from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
 
 
@@ -106,19 +107,18 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
         current = kube.get("apps/v1", "Deployment", spec.namespace, spec.name)
         if current is not None:
             pods = max(pods, int(current.get("spec", {}).get("replicas") or 0))
-    objects = render.render_pool(
-        spec, replicas=pods, exporter_image=exporter_image,
-        service_monitor_available=spec.service_monitor
-        and kube.has_resource("monitoring.coreos.com/v1", "ServiceMonitor"),
-    )
-    for obj in objects:
-        obj["metadata"]["ownerReferences"] = [owner]
-        before = kube.get(obj["apiVersion"], obj["kind"], spec.namespace,
-                          obj["metadata"]["name"])
-        after = kube.apply(obj)
-        if before is None or (before["metadata"].get("resourceVersion")
-                              != after["metadata"].get("resourceVersion")):
-            outcome.changed.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    try:
+        _apply_pool(kube, spec, owner, pods, exporter_image, outcome)
+    except (ConfigError, Rejected) as exc:
+        # a value the CRD schema lets through but the relay config or the apiserver's
+        # Deployment schema does not: report it on the pool, do not retry in a loop
+        message = str(exc)
+        outcome.status = {"observedGeneration": generation, "conditions": [
+            condition("Ready", False, "InvalidSpec", message, generation, previous)]}
+        if not any(c.get("reason") == "InvalidSpec" and c.get("message") == message
+                   for c in previous):
+            outcome.events.append(Event("Warning", "InvalidSpec", message))
+        return outcome
 
     deployment = kube.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
     dep_status = deployment.get("status") or {}
@@ -137,6 +137,24 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
     if outcome.changed:
         outcome.events.append(Event("Normal", "Applied", "applied " + ", ".join(outcome.changed)))
     return outcome
+
+
+def _apply_pool(kube: Kube, spec: TurnPoolSpec, owner: dict[str, Any], pods: int,
+                exporter_image: str, outcome: Outcome) -> None:
+    """Render the pool's objects with ``pods`` relays and apply them (changes noted)."""
+    objects = render.render_pool(
+        spec, replicas=pods, exporter_image=exporter_image,
+        service_monitor_available=spec.service_monitor
+        and kube.has_resource("monitoring.coreos.com/v1", "ServiceMonitor"),
+    )
+    for obj in objects:
+        obj["metadata"]["ownerReferences"] = [owner]
+        before = kube.get(obj["apiVersion"], obj["kind"], spec.namespace,
+                          obj["metadata"]["name"])
+        after = kube.apply(obj)
+        if before is None or (before["metadata"].get("resourceVersion")
+                              != after["metadata"].get("resourceVersion")):
+            outcome.changed.append(f"{obj['kind']}/{obj['metadata']['name']}")
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:

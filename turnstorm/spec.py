@@ -201,8 +201,20 @@ def validate(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
 
 # -- typed view ------------------------------------------------------------------------------
 
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([numkMGTPE]|[KMGTPE]i|[eE][+-]?[0-9]+)?$")
+"""A Kubernetes resource quantity (unsigned: requests and limits are never negative)."""
+
+
+def check_quantity(path: str, text: str, example: str) -> None:
+    """Raise :class:`SpecError` unless ``text`` is a quantity the apiserver takes."""
+    if not QUANTITY.match(text):
+        raise SpecError(f"{path}: {text!r} is not a quantity like {example}")
+
+
 def parse_quantity_cpu(text: str) -> float:
     """Kubernetes CPU quantity to cores: ``500m`` -> 0.5, ``2`` -> 2.0."""
+    if not QUANTITY.match(text):
+        raise SpecError(f"spec.resources.cpu: {text!r} is not a CPU quantity like 500m or 2")
     try:
         if text.endswith("m"):
             return int(text[:-1]) / 1000
@@ -350,4 +362,5 @@ def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
         labels=dict(meta.get("labels") or {}),
     )
     spec.cpu_cores  # noqa: B018 - validates the quantity early
+    check_quantity("spec.resources.memory", spec.memory, "256Mi or 1Gi")
     return spec

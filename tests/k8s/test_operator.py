@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,6 +143,31 @@ def test_spec_change_updates_owned_objects(control_plane: ControlPlane, operator
     assert dep is not None
     assert dep["spec"]["template"]["metadata"]["annotations"][
         "turnstorm.io/config-hash"] != old_hash
+
+
+def test_a_value_the_apiserver_refuses_becomes_an_invalid_spec_condition(
+        control_plane: ControlPlane, operator: Any, namespace: str) -> None:
+    """The CRD takes an empty image; the Deployment's schema does not. The pool reports it
+    (condition and one event) instead of retrying in a traceback loop."""
+    create_secret(control_plane, "eta-auth", namespace)
+    control_plane.kubectl("apply", "-f", "-", input_text=pool_yaml("eta", namespace, image=""))
+
+    def invalid() -> dict[str, Any] | None:
+        pool = get(control_plane, "turnpool", "eta", namespace) or {}
+        found = [c for c in pool.get("status", {}).get("conditions", [])
+                 if c.get("reason") == "InvalidSpec"]
+        return found[0] if found else None
+
+    ready = wait_for(invalid, timeout=30, what="an InvalidSpec condition")
+    assert ready["status"] == "False"
+    assert ready["message"].startswith("the apiserver rejected Deployment eta: ")
+    assert "image" in ready["message"]
+    time.sleep(6)  # a timer tick later: still one event, not one per retry
+    items = json.loads(control_plane.kubectl("get", "events", "-n", namespace, "-o",
+                                             "json").stdout)["items"]
+    warnings = [e for e in items if e["involvedObject"]["name"] == "eta"
+                and e["reason"] == "InvalidSpec"]
+    assert len(warnings) == 1 and warnings[0].get("count", 1) == 1, warnings
 
 
 def test_printer_columns(control_plane: ControlPlane, operator: Any, namespace: str) -> None:

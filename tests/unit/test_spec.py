@@ -102,6 +102,12 @@ def test_cel_rules_reject_with_exact_message(spec: dict[str, Any], message: str)
      "spec.realm: 'example.org\\nallow-loopback-peers' should match '^[!-~]+$'"),
     ({"resources": {"cpu": "lots"}},
      "spec.resources.cpu: 'lots' is not a CPU quantity like 500m or 2"),
+    ({"resources": {"cpu": "1_000"}},
+     "spec.resources.cpu: '1_000' is not a CPU quantity like 500m or 2"),
+    ({"resources": {"cpu": " 1"}},
+     "spec.resources.cpu: ' 1' is not a CPU quantity like 500m or 2"),
+    ({"resources": {"cpu": "1", "memory": "lots"}},
+     "spec.resources.memory: 'lots' is not a quantity like 256Mi or 1Gi"),
 ])
 def test_schema_errors_name_the_field(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError) as info:
