@@ -54,6 +54,18 @@ def selector_string(spec: TurnPoolSpec) -> str:
     return ",".join(f"{k}={v}" for k, v in selector(spec).items())
 
 
+def _readiness(spec: TurnPoolSpec) -> dict[str, Any]:
+    """A TCP connect to the TURN listener; without one (``listeners.tcp: 0``) a STUN
+    Binding over UDP from inside the container (the image's ``turnutils_stunclient``,
+    which waits without end for an answer that does not come: the probe's timeout fails
+    it). The admin CLI is no fallback: it listens on 127.0.0.1 only."""
+    if spec.tcp_port:
+        return {"tcpSocket": {"port": spec.tcp_port}, "periodSeconds": 5}
+    return {"exec": {"command": ["turnutils_stunclient", "-p", str(spec.udp_port),
+                                 "127.0.0.1"]},
+            "periodSeconds": 5, "timeoutSeconds": 2}
+
+
 def relay_config(spec: TurnPoolSpec) -> RelayConfig:
     """The relay's coturn config (without secrets: those come from Secrets at start-up)."""
     return RelayConfig(
@@ -155,8 +167,7 @@ def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manife
             "requests": {"cpu": spec.cpu, "memory": spec.memory},
             "limits": {"cpu": spec.cpu, "memory": spec.memory},
         },
-        "readinessProbe": {"tcpSocket": {"port": spec.tcp_port or CLI_PORT},
-                           "periodSeconds": 5},
+        "readinessProbe": _readiness(spec),
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"],
                                              "add": ["NET_BIND_SERVICE"]}},

@@ -99,3 +99,19 @@ async def _check_policy(port: int, secret: str) -> None:
         client.close()
         transport.close()
         denied_echo_transport.close()
+
+
+def test_udp_only_readiness_probe_passes_on_a_live_relay_and_fails_on_a_dead_one(
+        relay: Any) -> None:
+    """The probe a pool without a TCP listener gets, run as the kubelet would (its 2 s
+    timeout): exit 0 against a real coturn, no answer (a timeout) where nothing listens."""
+    obj = pool(relay.port)
+    obj["spec"]["listeners"] = {"udp": relay.port, "tcp": 0}
+    pod = deployment(turnpool_from_object(obj), 1, "exporter")["spec"]["template"]["spec"]
+    probe = next(c for c in pod["containers"] if c["name"] == "coturn")["readinessProbe"]
+    command, timeout = probe["exec"]["command"], probe["timeoutSeconds"]
+    live = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    assert live.returncode == 0
+    dead = [*command[:2], str(free_port()), *command[3:]]
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(dead, capture_output=True, timeout=timeout, check=False)

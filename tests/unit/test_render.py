@@ -85,6 +85,20 @@ def test_allowed_peers_lift_the_default_denial() -> None:
     assert "denied-peer-ip=172.16.0.0-172.31.255.255" in conf
 
 
+def test_readiness_without_a_tcp_listener_asks_stun_over_udp() -> None:
+    obj = example("turnpool.yaml")
+    probes = []
+    for tcp in (3478, 0):
+        obj["spec"]["listeners"] = {"udp": 3478, "tcp": tcp}
+        deployment = next(o for o in render_pool(turnpool_from_object(obj))
+                          if o["kind"] == "Deployment")
+        probes.append(deployment["spec"]["template"]["spec"]["containers"][0][
+            "readinessProbe"])
+    assert probes[0] == {"tcpSocket": {"port": 3478}, "periodSeconds": 5}
+    assert probes[1]["exec"] == {"command": ["turnutils_stunclient", "-p", "3478",
+                                             "127.0.0.1"]}
+
+
 def test_denied_peers_add_to_the_default_denial() -> None:
     """Naming a range to deny never lifts a built-in one (only allowedPeerCIDRs does)."""
     obj = example("turnpool.yaml")
