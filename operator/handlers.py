@@ -126,6 +126,14 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
     deployment = kube().get("apps/v1", "Deployment", spec.namespace, spec.name)
     if deployment is None:
         return
+    surplus = (int((deployment.get("status") or {}).get("replicas") or 0)
+               - int(deployment["spec"].get("replicas") or 0))
+    if surplus > 0:
+        # A rollout's surge pods (or pods the ReplicaSet is about to delete) would count
+        # as relays in rotation and inflate the pool: decide once they are gone.
+        status["lastDecision"] = (f"{surplus} pod(s) over the Deployment's replicas (a "
+                                  "rollout or a removal under way): holding size")
+        return
     source = signal_source(spec)
     if source is None:
         status["lastDecision"] = "metrics.source is prometheus but metrics.prometheusURL " \

@@ -179,6 +179,19 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
             dep = get(control_plane, "deployment", "live", namespace)
             assert dep is not None and dep["spec"]["replicas"] == 3
 
+            # A rollout's surge pod (the Deployment reports more pods than replicas): the
+            # autoscaler holds instead of counting it as a relay in rotation.
+            control_plane.kubectl("patch", "deployment", "live", "-n", namespace,
+                                  "--subresource=status", "--type=merge",
+                                  "-p", json.dumps({"status": {"replicas": 4}}))
+            wait_for(lambda: pool_status(control_plane, "live", namespace)
+                     .get("lastDecision", "").startswith("1 pod(s) over the Deployment's "
+                                                         "replicas"), timeout=20,
+                     what="holding during the rollout")
+            control_plane.kubectl("patch", "deployment", "live", "-n", namespace,
+                                  "--subresource=status", "--type=merge",
+                                  "-p", json.dumps({"status": {"replicas": 3}}))
+
             # Metrics outage: exporters gone, load gone. The size holds.
             relays.stop_exporters()
             for host in HOSTS:
