@@ -9,6 +9,7 @@ from typing import Any
 
 from turnstorm.coturnconf import ConfigError
 from turnstorm.operator import render
+from turnstorm.operator.autoscale import DRAIN_STARTED
 from turnstorm.operator.kube import Kube, Rejected, random_password
 from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
 
@@ -120,6 +121,8 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
             outcome.events.append(Event("Warning", "InvalidSpec", message))
         return outcome
 
+    if not spec.scaling.enabled:
+        _back_in_rotation(kube, spec, outcome)
     deployment = kube.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
     dep_status = deployment.get("status") or {}
     ready = int(dep_status.get("readyReplicas") or 0)
@@ -155,6 +158,19 @@ def _apply_pool(kube: Kube, spec: TurnPoolSpec, owner: dict[str, Any], pods: int
         if before is None or (before["metadata"].get("resourceVersion")
                               != after["metadata"].get("resourceVersion")):
             outcome.changed.append(f"{obj['kind']}/{obj['metadata']['name']}")
+
+
+def _back_in_rotation(kube: Kube, spec: TurnPoolSpec, outcome: Outcome) -> None:
+    """With autoscaling off nothing drains or packs: relays the autoscaler left draining
+    or on standby return to the client Service (else they would stay out for good)."""
+    for pod in kube.list_pods(spec.namespace, render.selector_string(spec)):
+        meta = pod.get("metadata") or {}
+        if (meta.get("labels") or {}).get(render.ROTATION_LABEL) in (
+                render.ROTATION_DRAINING, render.ROTATION_STANDBY):
+            kube.patch_pod_metadata(
+                spec.namespace, meta["name"], {render.ROTATION_LABEL: render.ROTATION_ACTIVE},
+                {DRAIN_STARTED: None, render.DELETION_COST: None})
+            outcome.changed.append(f"Pod/{meta['name']} back in rotation")
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:

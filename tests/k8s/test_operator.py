@@ -170,6 +170,38 @@ def test_a_value_the_apiserver_refuses_becomes_an_invalid_spec_condition(
     assert len(warnings) == 1 and warnings[0].get("count", 1) == 1, warnings
 
 
+def test_with_autoscaling_off_every_relay_returns_to_rotation(
+        control_plane: ControlPlane, operator: Any, namespace: str) -> None:
+    """Relays the autoscaler left draining or on standby go back into the client Service
+    once autoscaling is turned off (nothing would ever drain or pack them again)."""
+    create_secret(control_plane, "theta-auth", namespace)
+    control_plane.kubectl("apply", "-f", "-", input_text=pool_yaml(
+        "theta", namespace, scaling={"enabled": False}))
+    wait_ready_objects(control_plane, "theta", namespace)
+    for name, rotation in (("theta-a", "draining"), ("theta-b", "standby")):
+        control_plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {"turnstorm.io/pool": "theta",
+                                    "turnstorm.io/rotation": rotation},
+                         "annotations": {"turnstorm.io/drain-started": "2026-01-01T00:00:00Z",
+                                         "controller.kubernetes.io/pod-deletion-cost":
+                                             "-1000000"}},
+            "spec": {"containers": [{"name": "coturn", "image": "coturn/coturn"}]}}))
+
+    def rotations() -> dict[str, Any] | None:
+        found = {}
+        for name in ("theta-a", "theta-b"):
+            meta = (get(control_plane, "pod", name, namespace) or {}).get("metadata", {})
+            found[name] = (meta.get("labels", {}).get("turnstorm.io/rotation"),
+                           sorted(k for k in meta.get("annotations", {})
+                                  if k.startswith(("turnstorm.io/", "controller."))))
+        return found if all(r == "active" for r, _ in found.values()) else None
+
+    found = wait_for(rotations, timeout=30, what="both relays back in rotation")
+    assert found == {"theta-a": ("active", []), "theta-b": ("active", [])}
+
+
 def test_printer_columns(control_plane: ControlPlane, operator: Any, namespace: str) -> None:
     create_secret(control_plane, "gamma-auth", namespace)
     control_plane.kubectl("apply", "-f", "-", input_text=pool_yaml("gamma", namespace))
