@@ -166,7 +166,9 @@ class Autoscaler:
         self, now: float, signal: str, target: float, active: list[RelaySample]
     ) -> tuple[float, int] | None:
         """(ratio, relays wanted) for one signal, or None when no relay reports it."""
-        reporting = [r for r in active if r.ready and r.signals.get(signal) is not None]
+        # a NaN or infinite sample (a broken scrape) counts as missing, never as a load
+        reporting = [r for r in active if r.ready and r.signals.get(signal) is not None
+                     and math.isfinite(float(r.signals[signal] or 0.0))]
         if not reporting:
             return None
         count = len(active)

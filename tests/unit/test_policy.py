@@ -58,6 +58,7 @@ HPA_CASES = [
     Case("missing relay flips direction: hold", relays(150, None, None), 3),
     Case("missing counts at target on scale-down", relays(10, None), 2),
     Case("all missing holds", relays(None, None, None), 3),
+    Case("NaN and inf count as missing", relays(float("nan"), float("inf"), 300), 3),
     Case("max over signals", relays(50, 50, binding_rate=[3000.0, 3000.0]), 6,
          targets={"allocationsPerRelay": 100, "bindingRatePerRelay": 1000}),
     Case("cpu percent signal", relays(0, 0, cpu_percent=[140.0, 140.0]), 4,
