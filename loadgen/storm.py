@@ -39,6 +39,8 @@ EXIT_NOTHING_MEASURED = 3
 """Exit status of a storm that measured nothing: no echoed media for a mix that makes
 calls, no successful request for ``stun`` and ``idle`` (the table is still printed)."""
 EXIT_INTERRUPTED = 130
+CALL_MIXES = ("turn", "both", "ice")
+"""The ``--mix`` values whose users make calls (and so need a peer and echo media)."""
 IDEAL = {"latency": "< 150 ms", "loss": "< 1 %", "jitter": "< 20 ms",
          "relay overhead": "0-30 ms"}
 """The human-call column of the design's table."""
@@ -126,12 +128,14 @@ def run(args: argparse.Namespace) -> int:
     if args.users < 0 or not (math.isfinite(args.spawn_rate) and args.spawn_rate > 0):
         raise ConfigError("--users must be >= 0 and --spawn-rate a positive number")
     for option, port in (("--metrics-port", args.metrics_port), ("--web", args.web)):
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError(f"{option} must be between 1 and 65535")
+        if port is not None:
+            if not 0 < port < 65536:
+                raise ConfigError(f"{option} must be between 1 and 65535")
+            _check_port(option, _listen_host(args.listen_host), port)
     if not 0 <= args.workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be between 0 and {MAX_WORKERS}")
     targets = parse_targets(args.target, args.allow_target)
-    if args.mix in ("turn", "both", "ice") and args.peer is None:
+    if args.mix in CALL_MIXES and args.peer is None:
         remote = [str(t) for t in targets if not ipaddress.ip_address(t.host).is_loopback]
         if remote:
             raise ConfigError(f"{', '.join(remote)} is not on this host: give --peer IP:PORT, "
@@ -165,9 +169,6 @@ def run(args: argparse.Namespace) -> int:
             crowd_transport = chosen.pop()
     if args.out:
         _prepare_out(args.out)
-    for option, port in (("--metrics-port", args.metrics_port), ("--web", args.web)):
-        if port is not None:
-            _check_port(option, _listen_host(args.listen_host), port)
     echo = None
     if peer is None and args.mix in ("turn", "both"):
         echo, peer = start_echo_process()
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted after {result.elapsed:.1f} s: the figures cover the run so far",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    if args.mix in ("turn", "both", "ice"):
+    if args.mix in CALL_MIXES:
         if not report["media_measured"]:
             print("no media was measured: " + _failure_summary(result), file=sys.stderr)
             return EXIT_NOTHING_MEASURED
@@ -420,7 +421,7 @@ def print_table(report: dict[str, Any]) -> None:
     rtt = report["rtt_ms"]
     overhead = report["relay_overhead_ms"]
     measured = report["media_measured"]
-    calls = report["run"]["mix"] in ("turn", "both", "ice")
+    calls = report["run"]["mix"] in CALL_MIXES
     missing = "n/a (no media)"
     rows = [
         ("latency (media RTT p50/p99)", f"{rtt['p50']:.2f} / {rtt['p99']:.2f} ms",

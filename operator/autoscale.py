@@ -101,6 +101,13 @@ def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
     return sorted(views, key=lambda v: v.name)
 
 
+def back_in_rotation(kube: Kube, namespace: str, name: str) -> None:
+    """Put a draining or standby relay back in the client Service, clearing its drain
+    marks (start time, low deletion cost)."""
+    kube.patch_pod_metadata(namespace, name, {ROTATION_LABEL: ROTATION_ACTIVE},
+                            {DRAIN_STARTED: None, DELETION_COST: None})
+
+
 class SignalSource(Protocol):
     def read(self, spec: TurnPoolSpec, pods: list[PodView]) -> dict[str, dict[str, float] | None]:
         """Raw exporter values per pod name; None when the pod's signals are missing."""
@@ -287,8 +294,7 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         events.append(("Normal", "Drain", f"relay {name} out of rotation with "
                        f"{_allocs(by_name[name])} allocations"))
     for name in decision.undrain:
-        kube.patch_pod_metadata(spec.namespace, name, {ROTATION_LABEL: ROTATION_ACTIVE},
-                                {DRAIN_STARTED: None, DELETION_COST: None})
+        back_in_rotation(kube, spec.namespace, name)
         events.append(("Normal", "Undrain", f"relay {name} back in rotation"))
     for name in decision.remove:
         sample = by_name[name]

@@ -9,7 +9,7 @@ from typing import Any
 
 from turnstorm.coturnconf import ConfigError
 from turnstorm.operator import render
-from turnstorm.operator.autoscale import DRAIN_STARTED
+from turnstorm.operator.autoscale import back_in_rotation, pod_views
 from turnstorm.operator.kube import Kube, Rejected, random_password
 from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
 
@@ -163,14 +163,10 @@ def _apply_pool(kube: Kube, spec: TurnPoolSpec, owner: dict[str, Any], pods: int
 def _back_in_rotation(kube: Kube, spec: TurnPoolSpec, outcome: Outcome) -> None:
     """With autoscaling off nothing drains or packs: relays the autoscaler left draining
     or on standby return to the client Service (else they would stay out for good)."""
-    for pod in kube.list_pods(spec.namespace, render.selector_string(spec)):
-        meta = pod.get("metadata") or {}
-        if (meta.get("labels") or {}).get(render.ROTATION_LABEL) in (
-                render.ROTATION_DRAINING, render.ROTATION_STANDBY):
-            kube.patch_pod_metadata(
-                spec.namespace, meta["name"], {render.ROTATION_LABEL: render.ROTATION_ACTIVE},
-                {DRAIN_STARTED: None, render.DELETION_COST: None})
-            outcome.changed.append(f"Pod/{meta['name']} back in rotation")
+    for view in pod_views(kube.list_pods(spec.namespace, render.selector_string(spec))):
+        if view.draining or view.standby:
+            back_in_rotation(kube, spec.namespace, view.name)
+            outcome.changed.append(f"Pod/{view.name} back in rotation")
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
