@@ -26,6 +26,18 @@ kernel arrival stamp, so the RTT does not depend on when it is read. Control res
 those sockets (refreshes during the call) are dispatched by the same read. A client
 with an ``on_echo`` consumer gets each echoed frame unpacked in one go (see
 :class:`~turnstorm.loadgen.wire.UdpClient`).
+
+**The native engine.** Where the ``turnstorm._mediapump`` extension is built (it is, by
+``pip install``, wherever a C compiler and the Python headers are), :func:`media_pump`
+returns a :class:`NativeMediaPump` instead: the same interface, but frames are sent and
+echoes read and measured by one OS thread of the extension, outside the interpreter and
+without the GIL (``turnstorm/_mediapump.c``). Each echo updates the call's statistics
+exactly as :meth:`StreamStats.on_echo` does; a greenlet of the process hands the numbers
+to the :class:`StreamStats` objects every ``COLLECT_INTERVAL`` and at the end of each
+flow, and dispatches everything that is not a media echo (refresh responses, ICMP
+errors) to the flow's client at once. The ``--max-pps`` bound is one budget shared by
+the thread and the Python code (:func:`native_bucket`). ``TURNSTORM_MEDIA_PUMP=python``
+selects the pure-Python pump.
 """
 
 from __future__ import annotations
@@ -34,16 +46,35 @@ import contextlib
 import os
 import select
 import time
+from array import array
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import gevent
+import gevent.select
 from gevent import monkey
 from gevent.event import Event
 
-from turnstorm.loadgen.metrics import Histogram
+from turnstorm.loadgen.metrics import Histogram, StreamStats
 from turnstorm.loadgen.wire import CHANNEL_HEADER, clock
+
+_native: ModuleType | None
+try:
+    from turnstorm import _mediapump as _native
+except ImportError:  # not built (no C compiler or Python headers): the pure-Python pump
+    _native = None
+
+PUMP_ENV = "TURNSTORM_MEDIA_PUMP"
+"""``python`` selects the pure-Python :class:`MediaPump` even where the native engine is
+built."""
+COLLECT_INTERVAL = 0.25
+"""Seconds between two hand-overs of the native engine's statistics to Python."""
+NATIVE_TICK = 0.001
+"""The native engine's slot width (seconds): its wake-ups cost little, so its batches
+are smaller and their frames closer to their schedule."""
 
 TICK = 0.002
 """Seconds between the slots frames are scheduled on (one pump wake-up per slot; it
@@ -78,6 +109,10 @@ class MediaFlow:
     """The datagram, rewritten in place for each frame (ChannelData header + payload)."""
     receiver: Any = None
     """The client whose socket the pump reads while the flow lasts (or None)."""
+    stream: StreamStats | None = None
+    """Where the native engine's measurements of this flow's echoes go (or None)."""
+    native_id: int = 0
+    """The flow's number in the native engine (0: not there)."""
 
     def __post_init__(self) -> None:
         self.frame = bytearray(4 + self.frame_bytes)
@@ -108,7 +143,7 @@ class MediaPump:
         self._poll: Any = _epoll()
 
     def add(self, sock: Any, channel: int, interval: float, frame_bytes: int,
-            receiver: Any = None) -> MediaFlow:
+            receiver: Any = None, stream: StreamStats | None = None) -> MediaFlow:
         """Start sending on ``sock`` (connected to the relay) through ``channel``.
 
         With ``receiver`` (the :class:`~turnstorm.loadgen.wire.UdpClient` owning ``sock``)
@@ -152,6 +187,9 @@ class MediaPump:
                 flow.receiver = None
             flow.fd = -1
             self.flows -= 1
+
+    def sync(self, flow: MediaFlow | None = None) -> None:
+        """Nothing to do: this pump's echoes update their streams as they are read."""
 
     def _run(self) -> None:
         wheel = self.wheel
@@ -247,11 +285,41 @@ class MediaPump:
         self.sent += len(live)
 
 
-def media_pump(state: Any) -> MediaPump:
-    """The pump of the process whose aggregates are ``state`` (created on first use)."""
-    pump: MediaPump | None = getattr(state, "pump", None)
+def native_available() -> bool:
+    """True when :func:`media_pump` hands out the native engine."""
+    return _native is not None and os.environ.get(PUMP_ENV, "") != "python"
+
+
+def wake_lateness(seconds: float, interval: float) -> Histogram | None:
+    """How late this thread wakes from a timer armed every ``interval`` s, for
+    ``seconds`` (None without the native engine): the floor under any sender's send
+    timing on this machine, the engine's included."""
+    if _native is None:
+        return None
+    histogram = Histogram()
+    _add_samples(histogram, _native.wake_lateness(seconds, interval))
+    return histogram
+
+
+def native_bucket(rate: float, burst: float) -> Any:
+    """A packets/s budget the native engine's thread can charge too (None without it)."""
+    if _native is None or not native_available():
+        return None
+    return _native.RateBucket(rate, burst)
+
+
+def media_pump(state: Any) -> MediaPump | NativeMediaPump:
+    """The pump of the process whose aggregates are ``state`` (created on first use):
+    the native engine where it is built and the process's rate bound (``limiter``) can
+    be shared with it, else the pure-Python pump."""
+    pump: MediaPump | NativeMediaPump | None = getattr(state, "pump", None)
     if pump is None:
-        pump = MediaPump(state)
+        limiter = getattr(state, "limiter", None)
+        if native_available() and (limiter is None
+                                   or getattr(limiter, "bucket", None) is not None):
+            pump = NativeMediaPump(state)
+        else:
+            pump = MediaPump(state)
         state.pump = pump
     return pump
 
@@ -262,3 +330,146 @@ def _epoll() -> Any:
     factory = monkey.get_original("select", "epoll") if hasattr(select, "EPOLLIN") else None
     return factory() if factory is not None else None
 
+
+
+def stream_state(stream: StreamStats) -> tuple[Any, ...]:
+    """A stream's running measurements in the native engine's order."""
+    seq, delay, jitter = stream.sequence, stream.delay, stream.jitter
+    return (seq.first, seq.highest, seq._window, seq.received, seq.reordered,
+            seq.duplicates, delay.count, delay.mean, delay.m2, jitter.value,
+            jitter.samples, jitter._last_transit, stream.received_bytes)
+
+
+def load_stream(stream: StreamStats, numbers: tuple[Any, ...],
+                rtt: tuple[bytes, int, int, int]) -> None:
+    """Take over the native engine's running numbers of a stream and add its new RTT
+    samples."""
+    seq, delay, jitter = stream.sequence, stream.delay, stream.jitter
+    (seq.first, seq.highest, seq._window, seq.received, seq.reordered, seq.duplicates,
+     delay.count, delay.mean, delay.m2, jitter.value, jitter.samples,
+     jitter._last_transit, stream.received_bytes) = numbers
+    _add_samples(stream.rtt, rtt)
+
+
+def _add_samples(histogram: Histogram, samples: tuple[bytes, int, int, int]) -> None:
+    """Add the native engine's samples (bucket indices with their sum, min and max)."""
+    indices, total, low, high = samples
+    if indices:
+        buckets = array("I")
+        buckets.frombytes(indices)
+        histogram.add_counts(Counter(buckets), total, low, high)
+
+
+class NativeMediaPump:
+    """:class:`MediaPump`'s interface on the native engine (see the module docstring)."""
+
+    def __init__(self, state: Any, tick: float = NATIVE_TICK) -> None:
+        self.state = state
+        self.tick = tick
+        if _native is None:
+            raise RuntimeError("the native media engine (turnstorm._mediapump) is not built")
+        limiter = getattr(state, "limiter", None)
+        self._limiter = limiter
+        self._engine = _native.Engine(lead=LEAD, bucket=getattr(limiter, "bucket", None))
+        self._flows: dict[int, MediaFlow] = {}
+        self._added = 0
+        self._waited = 0.0
+        self.sent = 0
+        self.send_errors = 0
+        self._greenlet: Any = None
+
+    @property
+    def flows(self) -> int:
+        return len(self._flows)
+
+    def add(self, sock: Any, channel: int, interval: float, frame_bytes: int,
+            receiver: Any = None, stream: StreamStats | None = None) -> MediaFlow:
+        """Start sending on ``sock`` through ``channel``; with ``receiver`` the engine
+        reads the socket while the flow lasts, measuring the echoes into ``stream`` (when
+        given) and handing everything else to ``receiver.dispatch``."""
+        phases = max(1, round(interval / self.tick))
+        slot = int(clock() / self.tick) + 1 + self._added % phases
+        self._added += 1
+        flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
+        measured = receiver is not None and stream is not None
+        flow.native_id = self._engine.add(
+            flow.fd, channel, interval, flow.next_due, frame_bytes, receiver is not None,
+            stream_state(stream) if measured and stream is not None else None)
+        if receiver is not None:
+            receiver.detach_reader()
+            flow.receiver = receiver
+            flow.stream = stream if measured else None
+        self._flows[flow.native_id] = flow
+        self._engine.start()
+        if self._greenlet is None or self._greenlet.dead:
+            self._greenlet = gevent.spawn(self._run)
+        return flow
+
+    def remove(self, flow: MediaFlow) -> None:
+        """Stop the flow: its last numbers reach its stream and, once this returns, the
+        engine no longer touches its socket."""
+        if flow.fd < 0:
+            return
+        final = self._engine.remove(flow.native_id)
+        self._dispatch()  # what arrived for it (and others) before it left the engine
+        if final is not None:
+            self._apply(flow, final)
+        self._flows.pop(flow.native_id, None)
+        flow.fd = -1
+        if flow.receiver is not None:
+            flow.receiver.attach_reader()
+            flow.receiver = None
+        self._take_lag()
+
+    def sync(self, flow: MediaFlow | None = None) -> None:
+        """Bring ``flow``'s stream and ``sent`` up to date, or every flow's and the
+        ``send_lag`` histogram."""
+        if flow is not None:
+            item = self._engine.collect_flow(flow.native_id) if flow.fd >= 0 else None
+            if item is not None:
+                self._apply(flow, item)
+            return
+        for item in self._engine.collect():
+            flow = self._flows.get(item[0])
+            if flow is not None:
+                self._apply(flow, item)
+        self._take_lag()
+
+    def close(self) -> None:
+        """Stop the engine's thread (flows still registered stop sending)."""
+        self._engine.stop()
+
+    def _run(self) -> None:
+        notify = self._engine.notify_fd
+        wait = gevent.select.select
+        next_sync = clock() + COLLECT_INTERVAL
+        while self._flows:
+            wait([notify], [], [], max(0.0, next_sync - clock()))
+            self._dispatch()
+            if clock() >= next_sync:
+                self.sync()
+                next_sync = clock() + COLLECT_INTERVAL
+        self._greenlet = None
+
+    def _dispatch(self) -> None:
+        for number, data, arrival, error in self._engine.take_control():
+            flow = self._flows.get(number)
+            receiver = flow.receiver if flow is not None else None
+            if receiver is None:
+                continue
+            if error:
+                receiver.unreachable(OSError(error, os.strerror(error)))
+            else:
+                receiver.dispatch(data, arrival)
+
+    def _apply(self, flow: MediaFlow, item: tuple[Any, ...]) -> None:
+        _, flow.sent, flow.send_errors, numbers, rtt = item
+        if flow.stream is not None:
+            load_stream(flow.stream, numbers, rtt)
+
+    def _take_lag(self) -> None:
+        lag, self.sent, self.send_errors, waited = self._engine.take_lag()
+        _add_samples(self.state.send_lag, lag)
+        if self._limiter is not None and waited > self._waited:
+            self._limiter.waited += waited - self._waited
+            self._waited = waited

@@ -38,7 +38,7 @@ from turnstorm.errors import AllocationMismatch, TurnstormError
 from turnstorm.loadgen.cgnat import Mapping, PortQuotaExhausted
 from turnstorm.loadgen.config import LoadgenConfig, config_from_options
 from turnstorm.loadgen.flood import flood
-from turnstorm.loadgen.media import MediaFlow, media_pump
+from turnstorm.loadgen.media import MediaFlow, media_pump, native_bucket
 from turnstorm.loadgen.metrics import Histogram, MediaStats, StreamStats, merge_by_target
 from turnstorm.loadgen.shapes import no_backoff
 from turnstorm.loadgen.wire import UdpClient, WireError, clock
@@ -81,11 +81,17 @@ class RateLimiter:
         self.burst = BURST_SECONDS
         self._next = 0.0
         self.waited = 0.0
+        self.bucket: Any = native_bucket(rate, self.burst)
+        """The bound's state when the native media engine shares it (it charges every
+        frame its thread sends to the same budget), else None."""
 
     def acquire(self, packets: int = 1) -> None:
         now = clock()
-        slot = max(self._next, now - self.burst)
-        self._next = slot + packets * self.interval
+        if self.bucket is not None:
+            slot = self.bucket.reserve(packets, now)
+        else:
+            slot = max(self._next, now - self.burst)
+            self._next = slot + packets * self.interval
         if slot > now:
             self.waited += slot - now
             gevent.sleep(slot - now)
@@ -329,9 +335,8 @@ class _Call:
     stream: StreamStats | None = None
     channel: int = 0
     sent: int = 0
-    interval_rtt: float = 0.0
-    interval_count: int = 0
-    interval_bytes: int = 0
+    reported: tuple[int, float, int] = (0, 0.0, 0)
+    """The stream's echoes, their summed RTT and bytes at the last summary."""
     interval_sent: int = 0
     refreshers: list[Any] = field(default_factory=list)
     flow: MediaFlow | None = None
@@ -412,16 +417,8 @@ class TurnSessionUser(_RelayUser):
         stream = call.stream = StreamStats()
         self.state.live[self.number] = (str(self.target), stream)
         client = call.client
-        on_echo = stream.on_echo
-
-        def echoed(seq: int, sent: float, at: float, size: int) -> None:
-            on_echo(seq, sent, at, size)
-            call.interval_rtt += at - sent
-            call.interval_count += 1
-            call.interval_bytes += size
-
         # read by the hub (before and after the flow) and by the pump (during it)
-        client.on_echo = echoed
+        client.on_echo = stream.on_echo
         start = clock()
         end = start + seconds
         timers = {"allocation": start + config.allocation_refresh,
@@ -431,9 +428,9 @@ class TurnSessionUser(_RelayUser):
         # The direct Binding baseline of the relay overhead is sampled through the call,
         # under the same load as the media, not only once at call set-up.
         next_probe = start + config.summary_interval
-        flow = call.flow = media_pump(self.state).add(client.sock, call.channel,
-                                                      config.frame_interval, config.frame_bytes,
-                                                      receiver=client)
+        pump = media_pump(self.state)
+        flow = call.flow = pump.add(client.sock, call.channel, config.frame_interval,
+                                    config.frame_bytes, receiver=client, stream=stream)
         try:
             while True:
                 now = clock()
@@ -448,6 +445,7 @@ class TurnSessionUser(_RelayUser):
                     next_probe = now + config.summary_interval
                     call.refreshers.append(gevent.spawn(self._probe, call))
                 if now >= next_summary:
+                    pump.sync(flow)  # the native engine's numbers of this call, now
                     call.interval_sent = flow.sent - call.sent
                     call.sent = flow.sent
                     self._summary(call, now - next_summary + config.summary_interval)
@@ -486,14 +484,23 @@ class TurnSessionUser(_RelayUser):
             self.state.media_for(self.target).binding_rtt.record_seconds(client.last_rtt)
 
     def _summary(self, call: _Call, seconds: float) -> None:
-        if call.interval_count:
-            self.fire("MEDIA", "echo", call.interval_rtt / call.interval_count,
-                      call.interval_bytes)
+        """One MEDIA "echo" event for the echoes since the last summary: their mean RTT
+        and bytes (from the stream's running totals), or a failure when packets were sent
+        and none came back."""
+        stream = call.stream
+        if stream is None:
+            return
+        delay = stream.delay
+        count0, rtt0, size0 = call.reported
+        call.reported = (delay.count, delay.mean * delay.count, stream.received_bytes)
+        count = delay.count - count0
+        if count:
+            self.fire("MEDIA", "echo", (call.reported[1] - rtt0) / count,
+                      stream.received_bytes - size0)
         elif call.interval_sent:
             self.fire("MEDIA", "echo", seconds, exception=MediaTimeout(
                 f"no echo for {call.interval_sent} packets in {seconds:.1f} s"))
-        call.interval_rtt = 0.0
-        call.interval_count = call.interval_bytes = call.interval_sent = 0
+        call.interval_sent = 0
 
     def _end_call(self) -> None:
         """Fold the stream in, release the allocation, close. Safe to run twice.

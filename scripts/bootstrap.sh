@@ -19,8 +19,10 @@ command -v "$PYTHON" >/dev/null || die "python3 not found; install Python 3.11 o
   || die "Python 3.11+ needed, found $("$PYTHON" --version 2>&1)"
 
 # --- system packages ------------------------------------------------------------------
-APT_RUN=(coturn)
-APT_TEST=(coturn prometheus iproute2 nftables openssl chromium)
+# gcc + python3-dev build the native media engine (turnstorm/_mediapump.c) at install;
+# without them the load generator falls back to its pure-Python media pump.
+APT_RUN=(coturn gcc python3-dev)
+APT_TEST=(coturn gcc python3-dev prometheus iproute2 nftables openssl chromium)
 if [ "$MODE" = test ]; then packages=("${APT_TEST[@]}"); else packages=("${APT_RUN[@]}"); fi
 missing=()
 for pkg in "${packages[@]}"; do
@@ -51,7 +53,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 extra=loadgen,operator
 [ "$MODE" = test ] && extra=dev
-stamp="$VENV/.turnstorm-$MODE-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$VENV/.turnstorm-$MODE-$(cat pyproject.toml turnstorm/_mediapump.c | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   say "installing Python dependencies ($extra)"
   "$VENV/bin/python" -m pip install -q --upgrade pip

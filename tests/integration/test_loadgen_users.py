@@ -16,10 +16,12 @@ from typing import Any
 import gevent
 import pytest
 
+from tests.conftest import require
 from turnstorm.errors import AllocationQuotaReached
 from turnstorm.loadgen.cgnat import Population
 from turnstorm.loadgen.config import LoadgenConfig, SessionLength
 from turnstorm.loadgen.echo import EchoCounter, spawn_echo
+from turnstorm.loadgen.media import PUMP_ENV, MediaPump, NativeMediaPump, native_available
 from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.users import StunBindingUser, TurnSessionUser
 from turnstorm.loadgen.wire import UdpClient
@@ -74,13 +76,24 @@ def assert_relay_empty(relay: LocalRelay) -> None:
             client.release_and_close()
 
 
+@pytest.mark.parametrize("pump", ["native", "python"])
 def test_turn_session_user_calls_relay_media_and_release(
-    relays: Any, echo: tuple[Address, EchoCounter]
+    relays: Any, echo: tuple[Address, EchoCounter], pump: str,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    relay = relays(total_quota=QUOTA)
+    # the media of the calls runs on the native engine (the default where it is built)
+    # or on the pure-Python pump: the same figures either way
+    if pump == "native":
+        require(native_available(), "turnstorm._mediapump is not built")
+    else:
+        monkeypatch.setenv(PUMP_ENV, "python")
+    # a relay of its own per pump (the other run's released allocations linger ~1 s)
+    relay = relays(total_quota=QUOTA, realm=f"{pump}.turnstorm.local")
     peer, counter = echo
     result = run_locust(config(relay, peer, allocation_refresh=0.5), [TurnSessionUser],
                         users=USERS, spawn_rate=50, duration=3.5)
+    expected = NativeMediaPump if pump == "native" else MediaPump
+    assert type(result.state.pump) is expected
     stats = transactions(result.environment)
     counters = result.state.counters
     media = result.state.media[f"turn:{relay.host}:{relay.port}?transport=udp"]

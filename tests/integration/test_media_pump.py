@@ -14,8 +14,9 @@ from typing import Any
 import gevent
 import pytest
 
+from tests.conftest import require
 from turnstorm.loadgen.echo import EchoCounter, spawn_echo
-from turnstorm.loadgen.media import MediaPump
+from turnstorm.loadgen.media import MediaPump, NativeMediaPump, _native
 from turnstorm.loadgen.metrics import Histogram, StreamStats
 from turnstorm.loadgen.wire import MEDIA_HEADER, UdpClient
 from turnstorm.proto.credentials import Credentials
@@ -32,16 +33,27 @@ def echo() -> Iterator[tuple[Address, EchoCounter]]:
     greenlet.kill()
 
 
+def make_pump(kind: str, state: Any) -> MediaPump | NativeMediaPump:
+    if kind == "python":
+        return MediaPump(state)
+    if _native is None:
+        require(False, "turnstorm._mediapump is not built (`pip install -e .` builds it "
+                       "where gcc and the Python headers are)")
+    return NativeMediaPump(state)
+
+
+@pytest.mark.parametrize("kind", ["python", "native"])
 @pytest.mark.parametrize("direct", [False, True], ids=["client-dispatch", "on-echo"])
 def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
-    relays: Any, echo: tuple[Address, EchoCounter], direct: bool
+    relays: Any, echo: tuple[Address, EchoCounter], direct: bool, kind: str
 ) -> None:
-    # direct: echoed frames go straight to the stream (the client's on_echo); else
-    # through its on_channel_data. Control responses go to their transactions.
+    # direct: echoed frames go straight to the stream (the client's on_echo; the native
+    # engine measures them itself); else through its on_channel_data (the native engine
+    # hands them to the client). Control responses go to their transactions.
     relay = relays()
     peer, counter = echo
     state = SimpleNamespace(send_lag=Histogram(), limiter=None)
-    pump = MediaPump(state)
+    pump = make_pump(kind, state)
     calls: list[tuple[UdpClient, int, StreamStats]] = []
     try:
         for number in range(CALLS):
@@ -62,8 +74,9 @@ def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
             else:
                 client.on_channel_data = received
             calls.append((client, channel, stream))
-        flows = [pump.add(client.sock, channel, 0.02, 160, receiver=client)
-                 for client, channel, _ in calls]
+        flows = [pump.add(client.sock, channel, 0.02, 160, receiver=client,
+                          stream=stream if direct else None)
+                 for client, channel, stream in calls]
         # while the flows last, the hub's read watchers are off: the pump reads
         assert not any(client._watcher.active for client, _, _ in calls)
         gevent.sleep(0.5)
@@ -86,7 +99,12 @@ def test_pump_reads_echoes_and_control_responses_then_hands_reading_back(
             _, rtt = client.binding()
             assert 0 < rtt < 1
         assert counter.echoed == sum(flow.sent for flow in flows)
-        assert not pump._readers and not pump._owners
+        if isinstance(pump, MediaPump):
+            assert not pump._readers and not pump._owners
+        else:
+            assert pump.flows == 0 and pump.sent == sum(flow.sent for flow in flows)
+            assert state.send_lag.count == pump.sent
+            pump.close()
     finally:
         for client, _, _ in calls:
             client.release_and_close(timeout=2)
@@ -178,3 +196,156 @@ def test_flows_added_while_the_pump_sleeps_start_on_time() -> None:
         for sock in senders:
             sock.close()
         sink.close()
+
+
+# -- the native engine on its own ---------------------------------------------------------
+
+
+@pytest.fixture
+def native_state() -> Iterator[SimpleNamespace]:
+    require(_native is not None, "turnstorm._mediapump is not built")
+    yield SimpleNamespace(send_lag=Histogram(), limiter=None)
+
+
+def _sink() -> Any:
+    import socket
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+    sink.setblocking(False)
+    return sink
+
+
+def _drain(sink: Any) -> list[bytes]:
+    frames = []
+    while True:
+        try:
+            frames.append(sink.recv(70000))
+        except BlockingIOError:
+            return frames
+
+
+def test_native_frames_on_the_wire_paced_and_stopped(native_state: SimpleNamespace) -> None:
+    """Frames are ChannelData with the media header (seq from 0, the sender's clock), 50
+    per second per flow; once remove returns, the socket is not written again."""
+    import socket
+    import struct
+
+    sink = _sink()
+    senders = []
+    pump = NativeMediaPump(native_state)
+    try:
+        flows = []
+        for number in range(4):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect(sink.getsockname())
+            senders.append(sock)
+            flows.append(pump.add(sock, 0x4000 + number, 0.02, 200))
+        started = time.perf_counter()
+        gevent.sleep(1.0)
+        for flow in flows[:2]:
+            pump.remove(flow)
+        stopped = time.perf_counter()
+        gevent.sleep(0.3)
+        frames = _drain(sink)
+        for flow in flows[2:]:
+            pump.remove(flow)
+        seqs: dict[int, list[int]] = {}
+        for frame in frames:
+            channel, length, seq, sent = struct.unpack_from("!HHId", frame)
+            assert len(frame) == 4 + 200 and length == 200
+            assert frame[16:] == bytes(188)
+            assert started - 0.01 < sent < time.perf_counter()
+            seqs.setdefault(channel, []).append(seq)
+        for number, flow in enumerate(flows):
+            got = seqs[0x4000 + number]
+            assert got == list(range(len(got))), "frames in order, numbered from 0"
+            assert len(got) == flow.sent
+        for number in (0, 1):  # removed after ~1 s: ~50 frames, none after removal
+            assert 45 <= len(seqs[0x4000 + number]) <= 53, len(seqs[0x4000 + number])
+        for number in (2, 3):  # ran ~0.3 s more
+            assert len(seqs[0x4000 + number]) >= len(seqs[0x4000]) + 10
+        assert stopped - started < 1.2
+        assert native_state.send_lag.count == sum(flow.sent for flow in flows)
+    finally:
+        pump.close()
+        for sock in senders:
+            sock.close()
+        sink.close()
+
+
+def test_native_engine_shares_the_rate_bound(native_state: SimpleNamespace) -> None:
+    """--max-pps is one budget: frames of the engine's thread and packets the Python side
+    reserves together stay within rate x time + burst."""
+    import socket
+
+    from turnstorm.loadgen.users import RateLimiter
+
+    rate = 300.0
+    limiter = RateLimiter(rate)
+    assert limiter.bucket is not None
+    native_state.limiter = limiter
+    sink = _sink()
+    senders = []
+    pump = NativeMediaPump(native_state)
+    python_packets = [0]
+
+    def python_side() -> None:
+        while True:
+            limiter.acquire(5)
+            python_packets[0] += 5
+
+    try:
+        started = time.perf_counter()
+        other = gevent.spawn(python_side)
+        flows = []
+        for number in range(10):  # 500 frames/s wanted
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect(sink.getsockname())
+            senders.append(sock)
+            flows.append(pump.add(sock, 0x4000 + number, 0.02, 160))
+        gevent.sleep(2.0)
+        other.kill()
+        for flow in flows:
+            pump.remove(flow)
+        elapsed = time.perf_counter() - started
+        frames = len(_drain(sink))
+        budget = rate * (elapsed + limiter.burst) + 10
+        assert frames + python_packets[0] <= budget, (frames, python_packets[0], budget)
+        assert frames >= 100 and python_packets[0] >= 100, "both sides got a share"
+        assert frames == sum(flow.sent for flow in flows)
+        assert limiter.waited > 0
+    finally:
+        pump.close()
+        for sock in senders:
+            sock.close()
+        sink.close()
+
+
+def test_native_engine_reports_an_unreachable_relay(native_state: SimpleNamespace) -> None:
+    """ICMP port unreachable on a flow's socket (nothing listens at the relay's address)
+    reaches the flow's client as a failed receive, as the hub's reader reports it."""
+    import socket
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(address)
+    errors: list[OSError] = []
+    receiver = SimpleNamespace(
+        detach_reader=lambda: None, attach_reader=lambda: None,
+        dispatch=lambda data, at: pytest.fail(f"unexpected datagram {data!r}"),
+        unreachable=errors.append)
+    pump = NativeMediaPump(native_state)
+    try:
+        flow = pump.add(sock, 0x4000, 0.02, 160, receiver=receiver, stream=StreamStats())
+        gevent.sleep(0.3)
+        pump.remove(flow)
+        assert errors, "no unreachable report"
+        assert all(isinstance(e, ConnectionRefusedError) for e in errors), errors
+    finally:
+        pump.close()
+        sock.close()
