@@ -9,15 +9,21 @@ generator is this process (gevent-patched, as under Locust). Four figures:
     Baseline: :func:`turnstorm.blast.run_binding_blast` (the fastest plain loop we have)
     in an unpatched subprocess, same duration. Goal >= 120,000.
 (b) Concurrent paced media sessions at 50 packets/s per generator core: N calls through
-    the relay (Allocate, permission, channel to the echo peer), paced by the
-    :class:`~turnstorm.loadgen.media.MediaPump`, which also reads the echoes between its
-    sends (what ``TurnSessionUser`` runs). Valid only with generator-induced loss 0
-    (refused sends + drops on our own sockets' receive queues) and send-timing error
-    p99 < 1 ms. Sessions per core = N / generator CPU fraction. Baseline: the same calls
-    paced by one greenlet per call sleeping between packets. Goal >= 1,000. Both run with
-    the generator on a core of its own (pinned, ``SCHED_FIFO``) and the relay and echo
-    peer on the other CPUs, as on separate machines, when the machine allows it: sharing
-    the two cores with a busy relay makes the timing error the scheduler's, not ours.
+    the relay (Allocate, permission, channel to the echo peer), paced by the pump
+    ``TurnSessionUser`` runs: the native engine
+    (:class:`~turnstorm.loadgen.media.NativeMediaPump`, one thread of C that sends the
+    frames and reads and measures the echoes) where it is built, else the pure-Python
+    :class:`~turnstorm.loadgen.media.MediaPump`, which is also measured for reference.
+    Valid only with generator-induced loss 0 (refused sends + drops on our own sockets'
+    receive queues) and send-timing error p99 < 1 ms. Sessions per core = N / generator
+    CPU fraction (every thread of the process, kernel time included). Baseline: the same
+    calls paced by one greenlet per call sleeping between packets. Goal >= 1,000. All run
+    with the generator on a core of its own (pinned, ``SCHED_FIFO``) and the relay and
+    echo peer on the other CPUs, as on separate machines, when the machine allows it:
+    sharing the two cores with a busy relay makes the timing error the scheduler's, not
+    ours. Printed alongside: the timing floor (how late a thread doing nothing but wake
+    up every millisecond on the same core is) and the time the hypervisor stole that core
+    during the measurement, the part of the timing error no sender can remove.
 (c) Idle subscribers held with keepalives in one process (:class:`KeepaliveCrowd`):
     every subscriber's keepalive answered from its own source 5-tuple, none
     outstanding. With the ``auto`` transport that is one socket per subscriber while the
@@ -58,7 +64,13 @@ from gevent.pool import Pool
 
 from turnstorm.loadgen.config import LoadgenConfig
 from turnstorm.loadgen.keepalive import KeepaliveCrowd
-from turnstorm.loadgen.media import MediaPump
+from turnstorm.loadgen.media import (
+    NATIVE_TICK,
+    MediaPump,
+    NativeMediaPump,
+    native_available,
+    wake_lateness,
+)
 from turnstorm.loadgen.metrics import Histogram, StreamStats
 from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.storm import start_echo_process
@@ -99,6 +111,16 @@ def runqueue_wait() -> float:
         with open(f"/proc/self/task/{task}/schedstat", encoding="ascii") as handle:
             total += int(handle.read().split()[1])
     return total / 1e9
+
+
+def steal_seconds(cpu: int) -> float:
+    """Seconds the hypervisor ran something else while ``cpu`` wanted to run (/proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(f"cpu{cpu} "):
+                fields = line.split()
+                return int(fields[8]) / _TICKS if len(fields) > 8 else 0.0
+    return 0.0
 
 
 def socket_drops(fds: list[int]) -> int:
@@ -237,25 +259,30 @@ def reset_streams(calls: list[Call]) -> None:
         call.client.on_echo = call.stream.on_echo
 
 
-def pump_media(calls: list[Call], seconds: float) -> MediaRun:
+def pump_media(calls: list[Call], seconds: float, native: bool) -> MediaRun:
+    """The product's pump: the native engine (``native``) or the pure-Python one."""
     reset_streams(calls)
     state = type("PumpState", (), {"send_lag": Histogram(), "limiter": None})()
-    pump = MediaPump(state)
+    pump = NativeMediaPump(state) if native else MediaPump(state)
     fds = [call.client.sock.fileno() for call in calls]
     drops0 = socket_drops(fds)
     flows = [pump.add(call.client.sock, call.channel, FRAME_INTERVAL, FRAME_BYTES,
-                      receiver=call.client)
+                      receiver=call.client, stream=call.stream)
              for call in calls]
     gevent.sleep(0.5)  # every flow is on the wheel; measure the steady state
+    pump.sync()
     state.send_lag = Histogram()
     t0, c0, sent0, w0 = time.perf_counter(), cpu_seconds(), pump.sent, runqueue_wait()
     received0 = sum(call.stream.sequence.received for call in calls)
     gevent.sleep(seconds)
+    pump.sync()
     t1, c1, sent1, w1 = time.perf_counter(), cpu_seconds(), pump.sent, runqueue_wait()
     received1 = sum(call.stream.sequence.received for call in calls)
     for flow in flows:
         pump.remove(flow)
     gevent.sleep(0.3)
+    if isinstance(pump, NativeMediaPump):
+        pump.close()
     return MediaRun(len(calls), t1 - t0, c1 - c0, sent1 - sent0, received1 - received0,
                     pump.send_errors, socket_drops(fds) - drops0, state.send_lag, w1 - w0)
 
@@ -347,8 +374,27 @@ def bench_media(relay: LocalRelay, peer: tuple[str, int], sessions: int,
             print(f"(b) {isolation}")
             base = greenlet_media(calls, seconds)
             print(base.row("(b) baseline greenlet per call"))
-            ours = pump_media(calls, seconds)
-            print(ours.row("(b) MediaPump"))
+            python = pump_media(calls, seconds, native=False)
+            print(python.row("(b) MediaPump (pure Python)"))
+            if native_available():
+                cpu = min(os.sched_getaffinity(0))
+                floor = wake_lateness(min(seconds, 2.0), NATIVE_TICK)
+                if floor is not None:
+                    print(f"(b) timing floor: a thread waking every {NATIVE_TICK * 1e3:g} ms "
+                          f"on CPU {cpu}, doing nothing else, is late by p50 "
+                          f"{floor.percentile_ms(50):.3f} ms, p99 {floor.percentile_ms(99):.3f}"
+                          f" ms, max {floor.max_us / 1e3:.3f} ms")
+                stolen0 = steal_seconds(cpu)
+                ours = pump_media(calls, seconds, native=True)
+                stolen = steal_seconds(cpu) - stolen0
+                print(ours.row("(b) NativeMediaPump (the default)"))
+                print(f"(b) CPU {cpu} was stolen by the hypervisor for {stolen * 1e3:.0f} ms "
+                      f"of the {ours.seconds:.1f} s measured (every frame due meanwhile "
+                      "leaves late)")
+            else:
+                print("(b) the native engine is not built (turnstorm._mediapump): the "
+                      "pure-Python pump is the product's pump here")
+                ours = python
     finally:
         for call in calls:
             call.client.release_and_close(timeout=2)
