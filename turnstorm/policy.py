@@ -140,7 +140,7 @@ class Autoscaler:
         self.storm = storm or StormOptions()
         self._recommendations: deque[tuple[float, int]] = deque()
         self._scale_events: deque[tuple[float, int]] = deque()
-        self._history: dict[str, deque[tuple[float, float]]] = {}
+        self._history: dict[str, deque[tuple[float, dict[str, float]]]] = {}
         self._first: tuple[float, int] | None = None
 
     # -- per-signal recommendations ---------------------------------------------------------
@@ -149,18 +149,31 @@ class Autoscaler:
         return {SIGNALS[name]: value for name, value in self.policy.targets.items()
                 if name in SIGNALS}
 
-    def _record(self, now: float, signal: str, total: float) -> None:
+    def _record(self, now: float, signal: str, values: dict[str, float]) -> None:
         history = self._history.setdefault(signal, deque())
-        history.append((now, total))
+        history.append((now, values))
         while history and history[0][0] < now - self.storm.slope_window_seconds:
             history.popleft()
 
     def _slope(self, signal: str) -> float:
+        """The signal's growth per second over the slope window, summed relay by relay:
+        each relay from its first sample in the window to its last. A relay that skips a
+        scrape, or leaves and rejoins the rotation (drained, then undrained), adds no
+        phantom growth when it reports again; a new relay adds what it gained since it
+        first reported (it starts empty)."""
         history = self._history.get(signal)
         if not history or len(history) < 2:
             return 0.0
-        (t0, v0), (t1, v1) = history[0], history[-1]
-        return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
+        t0, t1 = history[0][0], history[-1][0]
+        if t1 <= t0:
+            return 0.0
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for _, values in history:
+            for name, value in values.items():
+                first.setdefault(name, value)
+                last[name] = value
+        return sum(last[name] - first[name] for name in last) / (t1 - t0)
 
     def _signal_recommendation(
         self, now: float, signal: str, target: float, active: list[RelaySample]
@@ -175,7 +188,8 @@ class Autoscaler:
         values = [float(r.signals[signal] or 0.0) for r in reporting]
         total = sum(values)
         if self.storm.enabled and signal in RATE_SIGNALS:
-            self._record(now, signal, total)
+            self._record(now, signal, {r.name: v for r, v in zip(reporting, values,
+                                                                  strict=True)})
             slope = self._slope(signal)
             if slope > 0:
                 total += slope * self.storm.lookahead_seconds

@@ -142,6 +142,42 @@ def test_a_short_slope_window_sees_a_storm_sooner(window: float, desired: int) -
     assert decision is not None and decision.desired == desired
 
 
+@pytest.mark.parametrize("event", ["missed scrape", "drained then undrained"])
+def test_a_relay_reporting_again_is_not_a_storm(event: str) -> None:
+    """Three relays steady at 80 (target 100). At t=0 one of them is missing from the
+    samples (a missed scrape, or it is draining); from t=1 it reports again with its 80.
+    The slope window (10 s) still holds t=0 at t=10: summed over the pool, that reads as
+    80 allocations gained in 10 s, projected +240 over the lookahead (ratio 1.6, five
+    relays). Relay by relay, nothing grew."""
+    scaler = Autoscaler(policy(), 1, 100,
+                        StormOptions(lookahead_seconds=30, slope_window_seconds=10))
+    for t in range(0, 11):
+        samples = relays(80, 80, 80)
+        if t == 0:
+            if event == "missed scrape":
+                samples[2].signals["allocations"] = None
+            else:
+                samples[2] = RelaySample("r2", ready=True, signals={"allocations": 80},
+                                         draining=True)
+        decision = scaler.evaluate(float(t), samples)
+        # summed over the pool, t=1 read 80 gained in 1 s: a recommendation of 27
+        assert decision.recommendations["allocations"] <= 3, (t, decision.reason)
+        assert decision.desired <= 3, (t, decision.reason)
+
+
+def test_a_new_relay_brings_its_growth_into_the_slope() -> None:
+    """Calls landing on a relay that joined within the window are growth: the new relay
+    first reports 0 and then 60 more, with the two old relays flat at 80."""
+    scaler = Autoscaler(policy(), 1, 100,
+                        StormOptions(lookahead_seconds=30, slope_window_seconds=10))
+    scaler.evaluate(0.0, relays(80, 80))
+    scaler.evaluate(5.0, relays(80, 80, 0))
+    decision = scaler.evaluate(10.0, relays(80, 80, 60))
+    # slope 60/10 = 6/s -> 220 + 180 = 400 over 3 x 100 -> ratio 1.33 -> 4 relays
+    assert decision.recommendations["allocations"] == 4, decision.reason
+    assert decision.desired == 4, decision.reason
+
+
 def test_storm_options_come_from_the_turnpool() -> None:
     from turnstorm.spec import turnpool_from_object
 
