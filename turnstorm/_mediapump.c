@@ -428,16 +428,23 @@ static void send_frame(Engine *e, Flow *f, double now) {
     f->dirty = 1;
 }
 
-/* Send every frame due before now + lead (the mutex is released while the rate bucket
- * makes it wait). */
+/* Frames due at or before `limit` in the heap below index i. */
+static size_t count_due(Engine *e, size_t i, double limit) {
+    if (i >= e->heap_len || e->flows[e->heap[i]].next_due > limit) return 0;
+    return 1 + count_due(e, 2 * i + 1, limit) + count_due(e, 2 * i + 2, limit);
+}
+
+/* Send every frame due before now + lead. With a rate bucket the batch is charged at
+ * once (as the Python side charges its batches: turns in proportion to what each
+ * asks), and the mutex is released while the bucket makes the thread wait. */
 static void send_due(Engine *e) {
     while (e->heap_len > 0 && !e->stop) {
         double now = mono();
-        size_t slot = e->heap[0];
-        Flow *f = &e->flows[slot];
-        if (f->next_due > now + e->lead) return;
+        if (e->flows[e->heap[0]].next_due > now + e->lead) return;
+        size_t budget = SIZE_MAX;
         if (e->bucket != NULL) {
-            double at = bucket_reserve(e->bucket, 1, now);
+            budget = count_due(e, 0, now + e->lead);
+            double at = bucket_reserve(e->bucket, (double)budget, now);
             if (at > now) {
                 struct timespec ts;
                 double wait = at - now;
@@ -447,18 +454,24 @@ static void send_due(Engine *e) {
                 pthread_mutex_unlock(&e->mu);
                 nanosleep(&ts, NULL);
                 pthread_mutex_lock(&e->mu);
-                if (e->heap_len == 0 || e->heap[0] != slot) continue;  /* removed meanwhile */
-                now = mono();
             }
         }
-        heap_pop(e);
-        double sent_at = mono();
-        if (samples_add(&e->lag, fabs(sent_at - f->next_due) * 1e6) < 0) e->failed = 1;
-        send_frame(e, f, sent_at);
-        double due = f->next_due + f->interval;
-        if (due < sent_at - MAX_CATCH_UP * f->interval) due = sent_at + f->interval;
-        f->next_due = due;
-        heap_push(e, slot);
+        double limit = mono() + e->lead;
+        for (size_t sent = 0; sent < budget && e->heap_len > 0 && !e->stop; sent++) {
+            size_t slot = e->heap[0];
+            Flow *f = &e->flows[slot];
+            if (f->next_due > limit) break;
+            heap_pop(e);
+            double sent_at = mono();
+            if (samples_add(&e->lag, fabs(sent_at - f->next_due) * 1e6) < 0) e->failed = 1;
+            send_frame(e, f, sent_at);
+            double due = f->next_due + f->interval;
+            if (due < sent_at - MAX_CATCH_UP * f->interval) due = sent_at + f->interval;
+            f->next_due = due;
+            heap_push(e, slot);
+        }
+        if (budget != SIZE_MAX) continue;  /* paid-for batch done: check what is due now */
+        return;
     }
 }
 
