@@ -13,8 +13,8 @@
  *   loadgen/wire.py's CHANNEL_HEADER. |sent - due| goes into the send-lag histogram.
  *   A shared RateBucket (the process's --max-pps bound, also charged by Python) is
  *   charged one packet per frame; when it runs ahead of now the thread waits for it.
- * - Reading: each time it wakes to send, the thread reads one datagram from every flow
- *   socket that has one queued (a second epoll set, polled without waiting). A
+ * - Reading: each time it wakes to send, the thread reads what is queued on every flow
+ *   socket (a second epoll set, polled without waiting; one recvmmsg each). A
  *   ChannelData echo of a
  *   media frame updates the flow's statistics exactly as StreamStats.on_echo does
  *   (sequence/loss/reordering/duplicates, Welford delay mean/M2, RFC 3550 jitter, bytes)
@@ -47,7 +47,7 @@
 #define CHANNEL_HEADER 4
 #define MAX_FRAME 65535
 #define RECV_SIZE 65536
-#define READS_PER_WAKE 1     /* datagrams read from one socket per wake-up */
+#define READS_PER_WAKE 8     /* datagrams read from one socket per wake-up, at most */
 #define MAX_EVENTS 256
 #define MAX_CATCH_UP 10
 #define TAG_TIMER UINT64_MAX
@@ -238,7 +238,7 @@ typedef struct {
     int notified;
     int failed;            /* out of memory in the thread */
     unsigned char frame[CHANNEL_HEADER + MAX_FRAME];
-    unsigned char rbuf[RECV_SIZE];
+    unsigned char rbuf[READS_PER_WAKE][RECV_SIZE];
 } Engine;
 
 static void heap_swap(Engine *e, size_t a, size_t b) {
@@ -352,23 +352,36 @@ static int on_echo(Flow *f, long long seq, double sent, double received, unsigne
     return rc;
 }
 
+typedef union {  /* aligned for struct cmsghdr */
+    char buf[CMSG_SPACE(sizeof(struct timespec)) + 64];
+    struct cmsghdr align;
+} Ancillary;
+
+/* Read what is queued on a flow's socket, up to READS_PER_WAKE datagrams, in one
+ * recvmmsg (with one datagram queued, as usual, that is one system call). */
 static void read_flow(Engine *e, Flow *f, double offset) {
-    struct iovec iov = {e->rbuf, sizeof e->rbuf};
-    char cbuf[CMSG_SPACE(sizeof(struct timespec)) + 64];
-    for (int n = 0; n < READS_PER_WAKE; n++) {
-        struct msghdr msg = {0};
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf;
-        msg.msg_controllen = sizeof cbuf;
-        ssize_t got = recvmsg(f->fd, &msg, MSG_DONTWAIT);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+    struct mmsghdr msgs[READS_PER_WAKE];
+    struct iovec iov[READS_PER_WAKE];
+    Ancillary anc[READS_PER_WAKE];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < READS_PER_WAKE; i++) {
+        iov[i].iov_base = e->rbuf[i];
+        iov[i].iov_len = sizeof e->rbuf[i];
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = anc[i].buf;
+        msgs[i].msg_hdr.msg_controllen = sizeof anc[i].buf;
+    }
+    int got = recvmmsg(f->fd, msgs, READS_PER_WAKE, MSG_DONTWAIT, NULL);
+    if (got < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
             queue_control(e, f, NULL, 0, mono(), errno);
-            return;
-        }
+        return;
+    }
+    for (int n = 0; n < got; n++) {
+        struct msghdr *msg = &msgs[n].msg_hdr;
         double arrival = -1;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
                 struct timespec ts;
                 memcpy(&ts, CMSG_DATA(c), sizeof ts);
@@ -376,8 +389,8 @@ static void read_flow(Engine *e, Flow *f, double offset) {
             }
         }
         if (arrival < 0) arrival = mono();
-        const unsigned char *d = e->rbuf;
-        size_t len = (size_t)got;
+        const unsigned char *d = e->rbuf[n];
+        size_t len = msgs[n].msg_len;
         if (len >= CHANNEL_HEADER && d[0] >= 0x40 && d[0] <= 0x4F && f->measuring) {
             if (len >= CHANNEL_HEADER + MEDIA_HEADER) {
                 unsigned length = ((unsigned)d[2] << 8) | d[3];
@@ -475,13 +488,16 @@ static void send_due(Engine *e) {
     }
 }
 
-/* Read one datagram from every flow socket that has one queued. The thread does not wake
+/* Read every flow socket that has datagrams queued. The thread does not wake
  * for each echo (a wake-up per datagram costs more than the datagram): it reads what
  * arrived when it wakes to send, and the kernel's arrival stamps keep the RTTs exact.
  * epoll is level-triggered, so a socket with more queued is reported again next time. */
 static void read_ready(Engine *e, struct epoll_event *events) {
     double offset = realtime() - mono();
-    for (;;) {
+    /* every socket once, then back to sending (level-triggered: the rest is read at the
+     * next wake-up) */
+    size_t rounds = (e->nflows - e->nfree) / MAX_EVENTS + 1;
+    for (size_t round = 0; round < rounds; round++) {
         int n = epoll_wait(e->flow_ep, events, MAX_EVENTS, 0);
         for (int i = 0; i < n; i++) {
             uint64_t tag = events[i].data.u64;
@@ -887,6 +903,7 @@ static PyObject *Engine_take_control(Engine *self, PyObject *Py_UNUSED(ignored))
     self->ctl_len = self->ctl_cap = 0;
     self->notified = 0;
     int failed = self->failed;
+    self->failed = 0;  /* reported once */
     pthread_mutex_unlock(&self->mu);
     PyObject *out = PyList_New(0);
     for (size_t i = 0; i < n; i++) {
