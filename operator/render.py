@@ -144,6 +144,11 @@ def _ports(spec: TurnPoolSpec, service: bool) -> list[dict[str, Any]]:
     return ports
 
 
+EXPORTER_UID = 65533
+"""The exporter sidecar's user: not the relay's (65534), so sharing the pod's process
+namespace does not let it read the relay's environment or file descriptors."""
+
+
 def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manifest:
     conf = turnserver_conf(spec)
     conf_hash = hashlib.sha256(conf.encode()).hexdigest()[:16]
@@ -178,17 +183,22 @@ def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manife
         "name": "exporter",
         "image": exporter_image,
         "args": ["exporter", "--cli", f"127.0.0.1:{CLI_PORT}",
-                 "--listen", f"0.0.0.0:{spec.exporter_port}"],
+                 "--listen", f"0.0.0.0:{spec.exporter_port}", "--process", "turnserver"],
         "env": [{"name": "TURNSTORM_CLI_PASSWORD", "valueFrom": {"secretKeyRef": {
             "name": cli_secret_name(spec), "key": "password"}}}],
         "ports": [{"name": "metrics", "protocol": "TCP", "containerPort": spec.exporter_port}],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
                       "limits": {"cpu": "200m", "memory": "128Mi"}},
+        # A user of its own: in the shared process namespace it reads the relay's
+        # world-readable /proc/<pid>/stat, never its environment (the TURN secret).
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+                            "capabilities": {"drop": ["ALL"]},
+                            "runAsUser": EXPORTER_UID, "runAsGroup": EXPORTER_UID},
     }
     pod_spec: dict[str, Any] = {
         "containers": [relay, exporter],
+        # the exporter finds the relay process for its CPU seconds (cpuUtilization)
+        "shareProcessNamespace": True,
         "volumes": [{"name": "config", "configMap": {"name": f"{spec.name}-config"}},
                     {"name": "var", "emptyDir": {}}],
         "terminationGracePeriodSeconds": 30,

@@ -13,7 +13,10 @@ a sidecar sharing the relay's network namespace, or in-process in local mode) re
   socket, ``/proc/<pid>/net/udp{,6}`` receive-queue bytes and drops, restricted to the
   relay process's own sockets (its ``/proc/<pid>/fd`` links ``socket:[inode]``) when a
   pid is known, so relays sharing the host namespace (local mode) are told apart;
-* ``/proc/<pid>/stat`` utime+stime (the thread-group total: every thread included).
+* ``/proc/<pid>/stat`` utime+stime (the thread-group total: every thread included), for
+  a pid given, or for the process found by command name (``--process turnserver``: in a
+  pod with ``shareProcessNamespace`` the sidecar sees the relay's process; found again
+  after a restart; several of that name is an error, reported in place of the CPU).
 
 Metrics are collected on scrape (a custom collector) and cached for ``cache_seconds`` so
 several scrapers do not multiply the CLI load. Every metric has a ``relay`` label.
@@ -41,7 +44,8 @@ turnstorm_relay_socket_drops_total              counter  sum of ``drops`` over t
                                                          sockets (all sockets without a pid)
 turnstorm_relay_rx_queue_bytes                  gauge    sum of ``rx_queue`` over those sockets
 turnstorm_relay_udp_sockets                     gauge    number of those sockets
-turnstorm_relay_cpu_seconds_total               counter  relay process user+system CPU (with pid)
+turnstorm_relay_cpu_seconds_total               counter  relay process user+system CPU (with a pid
+                                                         or ``--process``)
 turnstorm_relay_scrape_duration_seconds         gauge    time the last collection took
 ==============================================  =======  ===========================================
 
@@ -358,6 +362,55 @@ def parse_stat_cpu_seconds(text: str, ticks: int) -> float:
     return (utime + stime) / ticks
 
 
+def find_process(name: str, proc: str = "/proc") -> list[int]:
+    """Process ids whose command name (``/proc/<pid>/comm``, world-readable) is ``name``,
+    this process excluded."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir(proc):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(os.path.join(proc, entry, "comm"), encoding="utf-8",
+                      errors="replace") as handle:
+                if handle.read().rstrip("\n") == name:
+                    found.append(int(entry))
+        except OSError:  # gone meanwhile
+            continue
+    return sorted(found)
+
+
+class ProcessFinder:
+    """The relay process of a pod whose containers share one pid namespace, found by
+    command name and found again when it restarts. Two or more of that name (a host
+    pid namespace with several relays) is an error: pass ``--pid`` there."""
+
+    def __init__(self, name: str, proc: str = "/proc") -> None:
+        self.name = name
+        self.proc = proc
+        self.pid: int | None = None
+
+    def resolve(self) -> int:
+        if self.pid is not None:
+            try:
+                with open(os.path.join(self.proc, str(self.pid), "comm"), encoding="utf-8",
+                          errors="replace") as handle:
+                    if handle.read().rstrip("\n") == self.name:
+                        return self.pid
+            except OSError:
+                pass
+            self.pid = None
+        pids = find_process(self.name, self.proc)
+        if not pids:
+            raise TurnstormError(f"no process named {self.name!r} (the relay container "
+                                 "must share the pod's process namespace)")
+        if len(pids) > 1:
+            raise TurnstormError(f"{len(pids)} processes named {self.name!r} "
+                                 f"({', '.join(map(str, pids[:5]))}): pass --pid")
+        self.pid = pids[0]
+        return self.pid
+
+
 def read_cpu_seconds(pid: int) -> float:
     """CPU seconds of process ``pid``: the thread group's total (all threads)."""
     try:
@@ -399,10 +452,14 @@ class RelayCollector:
         cache_seconds: float = DEFAULT_CACHE_SECONDS,
         session_usage: bool = True,
         clock: Any = time.monotonic,
+        process: str | None = None,
     ) -> None:
         self.relay = relay
         self.cli = cli
         self.pid = pid
+        self.finder = ProcessFinder(process) if process is not None else None
+        """With ``process`` (and no pid): the relay found by name for its CPU only (the
+        socket counters are the pod's network namespace, all the relay's)."""
         self.cache_seconds = cache_seconds
         self.session_usage = session_usage
         self._clock = clock
@@ -442,9 +499,13 @@ class RelayCollector:
             snap.sockets = read_udp_sockets(self.pid)
         except (TurnstormError, OSError, ValueError) as exc:
             snap.errors.append(f"kernel counters: {exc}")
-        if self.pid is not None:
+        if self.pid is not None or self.finder is not None:
             try:
-                snap.cpu_seconds = read_cpu_seconds(self.pid)
+                pid = self.pid
+                if pid is None and self.finder is not None:
+                    pid = self.finder.resolve()
+                if pid is not None:
+                    snap.cpu_seconds = read_cpu_seconds(pid)
             except TurnstormError as exc:
                 snap.errors.append(str(exc))
         snap.duration = time.perf_counter() - start
@@ -704,7 +765,7 @@ def read_password(password_file: str | None, env: Mapping[str, str]) -> str:
 def serve(cli_address: tuple[str, int], password: str, listen: tuple[str, int], *,
           pid: int | None = None, relay: str | None = None,
           cache_seconds: float = DEFAULT_CACHE_SECONDS,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, process: str | None = None) -> None:
     """Run the exporter until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
     import signal
 
@@ -715,7 +776,7 @@ def serve(cli_address: tuple[str, int], password: str, listen: tuple[str, int], 
         if "password" in str(exc):
             raise
     name = relay or os.environ.get("HOSTNAME") or socket.gethostname()
-    collector = RelayCollector(name, cli, pid, cache_seconds=cache_seconds)
+    collector = RelayCollector(name, cli, pid, cache_seconds=cache_seconds, process=process)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -744,6 +805,11 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--pid", type=int,
                         help="relay process id: adds CPU seconds and restricts socket "
                              "counters to its sockets (needs a shared pid namespace)")
+    parser.add_argument("--process", metavar="NAME",
+                        help="find the relay process by command name (e.g. turnserver) for "
+                             "its CPU seconds: a pod whose containers share the process "
+                             "namespace (shareProcessNamespace); socket counters stay the "
+                             "whole network namespace's")
     parser.add_argument("--listen", default="0.0.0.0:9641", metavar="HOST:PORT",
                         help="where to serve /metrics (default 0.0.0.0:9641)")
     parser.add_argument("--relay", help="relay label (default: $HOSTNAME, the pod name)")
@@ -758,7 +824,12 @@ def main_run(args: Any) -> int:
         raise TurnstormError("--cache must be 0 or more")
     if args.pid is not None and not os.path.isdir(f"/proc/{args.pid}"):
         raise TurnstormError(f"--pid {args.pid}: no such process")
+    if args.pid is not None and args.process is not None:
+        raise TurnstormError("--pid and --process are exclusive")
+    if args.process is not None and not re.fullmatch(r"[^/\s]{1,15}", args.process):
+        raise TurnstormError(f"--process {args.process!r}: a command name is 1-15 "
+                             "characters without '/' or spaces (as in /proc/<pid>/comm)")
     password = read_password(args.cli_password_file, os.environ)
     serve(_address(args.cli, "--cli"), password, _address(args.listen, "--listen"),
-          pid=args.pid, relay=args.relay, cache_seconds=args.cache)
+          pid=args.pid, relay=args.relay, cache_seconds=args.cache, process=args.process)
     return 0
