@@ -270,6 +270,15 @@ class _RelayUser(User):
             self.state.count("cgnat_remaps")
         return self.mapping.address, self.mapping.port
 
+    def open_client(self, local: tuple[str, int] | None,
+                    credentials: Credentials | None = None) -> UdpClient:
+        """A client of this user's target whose retransmissions are charged to the
+        process's ``--max-pps`` bound."""
+        client = UdpClient(self.target.address, credentials=credentials, local=local,
+                           policy=self.policy)
+        client.pace = self.state.limiter.acquire
+        return client
+
     def touch_mapping(self) -> None:
         if self.state.cgnat is not None and self.mapping is not None:
             self.state.cgnat.touch(self.number, time.monotonic())
@@ -293,9 +302,7 @@ class StunBindingUser(_RelayUser):
                 self.client.close()
                 self.client = None
         if self.client is None:
-            self.client = UdpClient(self.target.address, local=self.local_address(),
-                                    policy=self.policy)
-            self.client.pace = self.state.limiter.acquire
+            self.client = self.open_client(self.local_address())
         return self.client
 
     @task
@@ -385,13 +392,11 @@ class TurnSessionUser(_RelayUser):
             self.state.count("allocations_failed")
             raise
         try:
-            client = UdpClient(self.target.address, credentials=credentials,
-                               local=local, policy=self.policy)
+            client = self.open_client(local, credentials)
         except WireError as exc:
             self.fire("TURN", "Allocate", 0.0, exception=exc)
             self.state.count("allocations_failed")
             return
-        client.pace = self.state.limiter.acquire
         call = self.call_state = _Call(client)
         self.state.count("calls")
         media = self.state.media_for(self.target)
