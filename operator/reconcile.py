@@ -102,14 +102,14 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
 
     replicas = desired_replicas(spec, old_status)
     pods = deployment_replicas(spec, old_status)
-    if spec.scaling.enabled:
+    current = kube.get("apps/v1", "Deployment", spec.namespace, spec.name)
+    if spec.scaling.enabled and current is not None:
         # Never fewer pods than now: a lower max (or a stale status) is reached by the
         # autoscaler draining relays, not by the ReplicaSet deleting relays with calls.
-        current = kube.get("apps/v1", "Deployment", spec.namespace, spec.name)
-        if current is not None:
-            pods = max(pods, int(current.get("spec", {}).get("replicas") or 0))
+        pods = max(pods, int(current.get("spec", {}).get("replicas") or 0))
     try:
-        _apply_pool(kube, spec, owner, pods, exporter_image, outcome)
+        applied = _apply_pool(kube, spec, owner, pods, exporter_image, outcome,
+                              {("Deployment", spec.name): current})
     except (ConfigError, Rejected) as exc:
         # a value the CRD schema lets through but the relay config or the apiserver's
         # Deployment schema does not: report it on the pool, do not retry in a loop
@@ -123,7 +123,8 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
 
     if not spec.scaling.enabled:
         _back_in_rotation(kube, spec, outcome)
-    deployment = kube.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
+    # the apply's answer is the object as stored, status included: no other read
+    deployment = applied.get(("Deployment", spec.name)) or {}
     dep_status = deployment.get("status") or {}
     ready = int(dep_status.get("readyReplicas") or 0)
     outcome.status = {
@@ -143,21 +144,28 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
 
 
 def _apply_pool(kube: Kube, spec: TurnPoolSpec, owner: dict[str, Any], pods: int,
-                exporter_image: str, outcome: Outcome) -> None:
-    """Render the pool's objects with ``pods`` relays and apply them (changes noted)."""
+                exporter_image: str, outcome: Outcome,
+                known: dict[tuple[str, str], dict[str, Any] | None]
+                ) -> dict[tuple[str, str], dict[str, Any]]:
+    """Render the pool's objects with ``pods`` relays and apply them (changes noted).
+    ``known`` holds objects already read this pass, by (kind, name), so they are not read
+    again; returns the applied objects as the apiserver stored them."""
     objects = render.render_pool(
         spec, replicas=pods, exporter_image=exporter_image,
         service_monitor_available=spec.service_monitor
         and kube.has_resource("monitoring.coreos.com/v1", "ServiceMonitor"),
     )
+    applied: dict[tuple[str, str], dict[str, Any]] = {}
     for obj in objects:
         obj["metadata"]["ownerReferences"] = [owner]
-        before = kube.get(obj["apiVersion"], obj["kind"], spec.namespace,
-                          obj["metadata"]["name"])
-        after = kube.apply(obj)
+        key = (obj["kind"], obj["metadata"]["name"])
+        before = known[key] if key in known else kube.get(
+            obj["apiVersion"], obj["kind"], spec.namespace, obj["metadata"]["name"])
+        after = applied[key] = kube.apply(obj)
         if before is None or (before["metadata"].get("resourceVersion")
                               != after["metadata"].get("resourceVersion")):
             outcome.changed.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    return applied
 
 
 def _back_in_rotation(kube: Kube, spec: TurnPoolSpec, outcome: Outcome) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,37 @@ def test_restart_mid_reconcile_converges_and_then_redoes_nothing(
         assert len(names) == len(set(names))
     assert control_plane.kubectl("get", "deployments", "-n", namespace, "-o",
                                  "name").stdout.split() == ["deployment.apps/eta"]
+
+
+def test_a_reconcile_pass_reads_the_deployment_once(
+        control_plane: ControlPlane, kube: Any, namespace: str) -> None:
+    """One pass reads each owned object once before applying it; the status comes from
+    the apply's answer (the object as stored), not from another read."""
+    from turnstorm.operator.kube import Kube
+    from turnstorm.operator.reconcile import reconcile_pool
+
+    reads: list[tuple[str, str]] = []
+
+    class Counting(Kube):
+        def get(self, api_version: str, kind: str, namespace: str,
+                name: str) -> dict[str, Any] | None:
+            reads.append((kind, name))
+            return super().get(api_version, kind, namespace, name)
+
+    counting = Counting(kube.api_client)
+    create_secret(control_plane, "iota-auth", namespace)
+    control_plane.kubectl("apply", "-f", "-", input_text=pool_yaml(
+        "iota", namespace, scaling={"enabled": True}))
+    body = get(control_plane, "turnpool", "iota", namespace)
+    assert body is not None
+    for attempt in range(2):  # creating, then with everything in place
+        reads.clear()
+        outcome = reconcile_pool(counting, body, "turnstorm:test")
+        assert reads.count(("Deployment", "iota")) == 1, (attempt, reads)
+        assert len(reads) == len(set(reads)), reads
+        deployment = get(control_plane, "deployment", "iota", namespace)
+        assert deployment is not None
+        assert outcome.status["replicas"] == int(
+            (deployment.get("status") or {}).get("replicas") or 0)
+        assert outcome.status["desiredReplicas"] == 2
+    assert outcome.changed == [], "the second pass applied nothing new"
