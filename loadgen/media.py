@@ -43,6 +43,7 @@ selects the pure-Python pump.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import time
@@ -67,6 +68,7 @@ try:
 except ImportError:  # not built (no C compiler or Python headers): the pure-Python pump
     _native = None
 
+logger = logging.getLogger(__name__)
 PUMP_ENV = "TURNSTORM_MEDIA_PUMP"
 """``python`` selects the pure-Python :class:`MediaPump` even where the native engine is
 built."""
@@ -457,10 +459,13 @@ class NativeMediaPump:
             receiver = flow.receiver if flow is not None else None
             if receiver is None:
                 continue
-            if error:
-                receiver.unreachable(OSError(error, os.strerror(error)))
-            else:
-                receiver.dispatch(data, arrival)
+            try:
+                if error:
+                    receiver.unreachable(OSError(error, os.strerror(error)))
+                else:
+                    receiver.dispatch(data, arrival)
+            except Exception:  # one client's fault must not stop every call's reader
+                logger.exception("media pump: dispatching a datagram failed")
 
     def _apply(self, flow: MediaFlow, item: tuple[Any, ...]) -> None:
         _, flow.sent, flow.send_errors, numbers, rtt = item
