@@ -394,6 +394,7 @@ class NativeMediaPump:
         self._added += 1
         flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
         measured = receiver is not None and stream is not None
+        self._engine.start()  # first: a flow is never left registered by a failed start
         flow.native_id = self._engine.add(
             flow.fd, channel, interval, flow.next_due, frame_bytes, receiver is not None,
             stream_state(stream) if measured and stream is not None else None)
@@ -402,7 +403,6 @@ class NativeMediaPump:
             flow.receiver = receiver
             flow.stream = stream if measured else None
         self._flows[flow.native_id] = flow
-        self._engine.start()
         if self._greenlet is None or self._greenlet.dead:
             self._greenlet = gevent.spawn(self._run)
         return flow
@@ -413,15 +413,17 @@ class NativeMediaPump:
         if flow.fd < 0:
             return
         final = self._engine.remove(flow.native_id)
-        self._dispatch()  # what arrived for it (and others) before it left the engine
-        if final is not None:
-            self._apply(flow, final)
-        self._flows.pop(flow.native_id, None)
-        flow.fd = -1
-        if flow.receiver is not None:
-            flow.receiver.attach_reader()
-            flow.receiver = None
-        self._take_lag()
+        try:
+            self._dispatch()  # what arrived for it (and others) before it left the engine
+        finally:
+            if final is not None:
+                self._apply(flow, final)
+            self._flows.pop(flow.native_id, None)
+            flow.fd = -1
+            if flow.receiver is not None:
+                flow.receiver.attach_reader()
+                flow.receiver = None
+            self._take_lag()
 
     def sync(self, flow: MediaFlow | None = None) -> None:
         """Bring ``flow``'s stream and ``sent`` up to date, or every flow's and the

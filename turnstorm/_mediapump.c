@@ -82,7 +82,8 @@ typedef struct {
 
 static int samples_add(Samples *s, double value_us) {
     /* Python's round(): half to even (the default rounding mode) */
-    uint64_t value = value_us > 0 ? (uint64_t)nearbyint(value_us) : 0;
+    /* clamped: a corrupt send time must not overflow the cast (1e15 us is 31 years) */
+    uint64_t value = value_us > 0 ? (uint64_t)nearbyint(value_us < 1e15 ? value_us : 1e15) : 0;
     if (s->len == s->cap) {
         size_t cap = s->cap ? s->cap * 2 : 64;
         uint32_t *items = realloc(s->items, cap * sizeof *items);
@@ -237,6 +238,7 @@ typedef struct {
     size_t ctl_len, ctl_cap;
     int notified;
     int failed;            /* out of memory in the thread */
+    unsigned memory_failures;  /* reported by take_control so far */
     unsigned char frame[CHANNEL_HEADER + MAX_FRAME];
     unsigned char rbuf[READS_PER_WAKE][RECV_SIZE];
 } Engine;
@@ -535,6 +537,7 @@ static void *engine_main(void *arg) {
                              sizeof drained);
             (void)r;
         }
+        send_due(e);  /* the frames due first: the reads' time never makes them late */
         read_ready(e, events);
     }
     pthread_mutex_unlock(&e->mu);
@@ -569,6 +572,10 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "bucket must be a RateBucket or None");
         return -1;
     }
+    if (!isfinite(lead) || lead < 0 || lead > 0.1) {
+        PyErr_SetString(PyExc_ValueError, "lead must be between 0 and 0.1 s");
+        return -1;
+    }
     self->lead = lead;
     if (bucket != Py_None) {
         Py_INCREF(bucket);
@@ -593,14 +600,15 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
 
 static void stop_thread(Engine *self) {
     if (!self->started) return;
+    pthread_t thread = self->thread;
+    self->started = 0;  /* before the GIL is released: one caller joins */
     pthread_mutex_lock(&self->mu);
     self->stop = 1;
     pthread_mutex_unlock(&self->mu);
     wake(self);
     Py_BEGIN_ALLOW_THREADS
-    pthread_join(self->thread, NULL);
+    pthread_join(thread, NULL);
     Py_END_ALLOW_THREADS
-    self->started = 0;
 }
 
 static void Engine_dealloc(Engine *self) {
@@ -916,10 +924,9 @@ static PyObject *Engine_take_control(Engine *self, PyObject *Py_UNUSED(ignored))
         free(ctl[i].data);
     }
     free(ctl);
-    if (out != NULL && failed) {
-        Py_DECREF(out);
-        return PyErr_NoMemory();
-    }
+    /* an allocation the thread could not make (a sample or a datagram lost) is counted,
+     * never a reason to drop what was queued */
+    self->memory_failures += (unsigned)failed;
     return out;
 }
 
@@ -949,7 +956,13 @@ static PyObject *Engine_flows(Engine *self, void *closure) {
     return PyLong_FromSize_t(n);
 }
 
+static PyObject *Engine_memory_failures(Engine *self, void *closure) {
+    return PyLong_FromUnsignedLong(self->memory_failures);
+}
+
 static PyGetSetDef Engine_getset[] = {
+    {"memory_failures", (getter)Engine_memory_failures, NULL,
+     "Times the thread could not allocate (a sample or datagram lost)", NULL},
     {"notify_fd", (getter)Engine_notify_fd, NULL,
      "An eventfd that becomes readable when take_control() has something", NULL},
     {"flows", (getter)Engine_flows, NULL, "Flows registered", NULL},

@@ -131,3 +131,6 @@ def test_bad_starting_point_is_refused() -> None:
         _mediapump.wake_lateness(0, 0.001)
     with pytest.raises(ValueError):
         _mediapump.RateBucket(0, 1)
+    for lead in (float("nan"), float("inf"), -0.001):  # NaN once spun the thread forever
+        with pytest.raises(ValueError):
+            _mediapump.Engine(lead=lead)
