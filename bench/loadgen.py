@@ -65,6 +65,7 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 
+from turnstorm.exporter import read_steal_seconds
 from turnstorm.loadgen.config import LoadgenConfig
 from turnstorm.loadgen.keepalive import KeepaliveCrowd
 from turnstorm.loadgen.media import (
@@ -114,16 +115,6 @@ def runqueue_wait() -> float:
         with open(f"/proc/self/task/{task}/schedstat", encoding="ascii") as handle:
             total += int(handle.read().split()[1])
     return total / 1e9
-
-
-def steal_seconds(cpu: int) -> float:
-    """Seconds the hypervisor ran something else while ``cpu`` wanted to run (/proc/stat)."""
-    with open("/proc/stat", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(f"cpu{cpu} "):
-                fields = line.split()
-                return int(fields[8]) / _TICKS if len(fields) > 8 else 0.0
-    return 0.0
 
 
 def socket_drops(fds: list[int]) -> int:
@@ -387,9 +378,9 @@ def bench_media(relay: LocalRelay, peer: tuple[str, int], sessions: int,
                           f"on CPU {cpu}, doing nothing else, is late by p50 "
                           f"{floor.percentile_ms(50):.3f} ms, p99 {floor.percentile_ms(99):.3f}"
                           f" ms, max {floor.max_us / 1e3:.3f} ms")
-                stolen0 = steal_seconds(cpu)
+                stolen0 = read_steal_seconds(cpu)
                 ours = pump_media(calls, seconds, native=True)
-                stolen = steal_seconds(cpu) - stolen0
+                stolen = read_steal_seconds(cpu) - stolen0
                 print(ours.row("(b) NativeMediaPump (the default)"))
                 print(f"(b) CPU {cpu} was stolen by the hypervisor for {stolen * 1e3:.0f} ms "
                       f"of the {ours.seconds:.1f} s measured (every frame due meanwhile "

@@ -152,10 +152,8 @@ class MediaPump:
         the pump also reads the socket while the flow lasts, between its sends, instead
         of the hub's read watcher: echoes cost no wake-up of their own and never delay a
         send by more than one batch of reads."""
-        # spread the flows' phases over the interval: even batches, not one burst
-        phases = max(1, round(interval / self.tick))
         # never a slot the running pump has passed already (it sends up to LEAD ahead)
-        slot = max(int(clock() / self.tick) + 1, self._current) + self._added % phases
+        slot = first_slot(self.tick, interval, self._added, self._current)
         self._added += 1
         flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
         if receiver is not None and self._poll is not None:
@@ -287,6 +285,14 @@ class MediaPump:
         self.sent += len(live)
 
 
+def first_slot(tick: float, interval: float, added: int, current: int = 0) -> int:
+    """The first ``tick``-wide slot of the ``added``-th flow: the next slot (never before
+    ``current``), plus a phase that spreads the flows over the interval, so batches are
+    even instead of one burst."""
+    phases = max(1, round(interval / tick))
+    return max(int(clock() / tick) + 1, current) + added % phases
+
+
 def native_available() -> bool:
     """True when :func:`media_pump` hands out the native engine."""
     return _native is not None and os.environ.get(PUMP_ENV, "") != "python"
@@ -389,8 +395,7 @@ class NativeMediaPump:
         """Start sending on ``sock`` through ``channel``; with ``receiver`` the engine
         reads the socket while the flow lasts, measuring the echoes into ``stream`` (when
         given) and handing everything else to ``receiver.dispatch``."""
-        phases = max(1, round(interval / self.tick))
-        slot = int(clock() / self.tick) + 1 + self._added % phases
+        slot = first_slot(self.tick, interval, self._added)
         self._added += 1
         flow = MediaFlow(sock.fileno(), channel, interval, frame_bytes, slot * self.tick)
         measured = receiver is not None and stream is not None

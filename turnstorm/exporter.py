@@ -411,6 +411,18 @@ class ProcessFinder:
         return self.pid
 
 
+def read_steal_seconds(cpu: int | None = None) -> float:
+    """Seconds the hypervisor ran something else while ``cpu`` (all CPUs when None)
+    wanted to run (/proc/stat; 0 where it is not counted)."""
+    prefix = "cpu " if cpu is None else f"cpu{cpu} "
+    with open("/proc/stat", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(prefix):
+                fields = line.split()
+                return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    return 0.0
+
+
 def read_cpu_seconds(pid: int) -> float:
     """CPU seconds of process ``pid``: the thread group's total (all threads)."""
     try:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from turnstorm.client import TurnClient
+from turnstorm.exporter import read_steal_seconds
 from turnstorm.localrelay import LocalRelay
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address, Message
@@ -83,25 +83,17 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float,
     return time.monotonic() - start
 
 
-def stolen_seconds() -> float:
-    """CPU time the hypervisor gave to something else while this machine's CPUs wanted to
-    run, all CPUs together (/proc/stat; 0 where it is not counted)."""
-    with open("/proc/stat", encoding="ascii") as handle:
-        fields = handle.readline().split()
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
-
-
 def unless_stolen(check: Callable[[], None], attempts: int = 3) -> None:
     """Run a timing check again when it failed while the hypervisor stole CPU time from
     this (virtual) machine: a stall of a few milliseconds then is the host's, not the
     code's. A failure with no time stolen, or on the last attempt, fails the test."""
     for attempt in range(1, attempts + 1):
-        before = stolen_seconds()
+        before = read_steal_seconds()
         try:
             check()
             return
         except AssertionError:
-            stolen = stolen_seconds() - before
+            stolen = read_steal_seconds() - before
             if stolen <= 0 or attempt == attempts:
                 raise
             print(f"timing check failed while {stolen * 1e3:.0f} ms were stolen by the "
