@@ -19,6 +19,15 @@ forward by the time a new relay takes to start, enforce relay-port capacity as a
 floor (each allocation holds one relay port), and scale up at once when the kernel
 drops UDP datagrams.
 
+Vertical resizing (``spec.scaling.vertical``): a relay's CPU, as a factor of
+``spec.resources.cpu``, follows its allocations against the ``allocationsPerRelay``
+target, in multiples of ``step``. A relay in rotation over the target gets more CPU at
+once (up to ``max_factor``): a resize takes effect in about a second where a new relay
+takes its start-up time, so the relays that take a storm's first calls are not left
+overloaded, with those calls stuck on them, while new relays start. It comes back to 1
+when its allocations, plus the tolerance, fit under the target again. A draining relay's
+CPU shrinks with its remaining calls (down to ``min_factor``), since it takes no new ones.
+
 Scale-down never removes a relay with live allocations: the relays with the fewest
 allocations are *drained* (taken out of rotation) and removed only when their
 allocations reach zero or the drain deadline passes.
@@ -68,6 +77,8 @@ class RelaySample:
     drain_started: float | None = None
     port_capacity: int | None = None
     """Relay ports of this relay (allocations it can hold at most)."""
+    cpu_factor: float = 1.0
+    """The relay's CPU now, as a factor of the pool's ``spec.resources.cpu``."""
 
     @property
     def allocations(self) -> float | None:
@@ -118,6 +129,8 @@ class Decision:
     remove: list[str]
     """Drained relays to delete now (no allocations left, or deadline passed)."""
     reason: str
+    resize: dict[str, float] = field(default_factory=dict)
+    """Relay -> its new CPU factor (vertical resizing); only relays whose factor changes."""
 
     @property
     def scale_up(self) -> int:
@@ -266,9 +279,40 @@ class Autoscaler:
                 or (r.drain_started is not None
                     and now - r.drain_started >= self.policy.drain_deadline_seconds))
         ]
+        resize = self._resize(relays, set(undrain), set(drain), set(remove))
         return Decision(desired=desired, active=count, ratios=ratios, recommendations=recs,
                         limiting_signal=limiting, drain=drain, undrain=undrain,
-                        remove=remove, reason=reason)
+                        remove=remove, reason=reason, resize=resize)
+
+    def _resize(self, relays: list[RelaySample], undrain: set[str], drain: set[str],
+                remove: set[str]) -> dict[str, float]:
+        """New CPU factors (see the module docstring); missing data changes nothing."""
+        vertical = self.policy.vertical
+        target = self.policy.targets.get("allocationsPerRelay")
+        if not vertical.enabled or not target or target <= 0:
+            return {}
+        step = vertical.step
+        out: dict[str, float] = {}
+        for relay in relays:
+            allocations = relay.allocations
+            if (not relay.ready or relay.name in remove or allocations is None
+                    or not math.isfinite(allocations)):
+                continue
+            in_rotation = (not relay.draining or relay.name in undrain) and (
+                relay.name not in drain)
+            floor = 1.0 if in_rotation else vertical.min_factor
+            need = allocations / target
+            current = relay.cpu_factor
+            up = min(vertical.max_factor, max(floor, _steps(need, step)))
+            if up > current:
+                out[relay.name] = up
+                continue
+            # Down only once the allocations fit, with the tolerance, under a lower step.
+            down = min(vertical.max_factor,
+                       max(floor, _steps(need * (1 + self.policy.tolerance), step)))
+            if down < current:
+                out[relay.name] = down
+        return out
 
     def _storm_floor(self, active: list[RelaySample]) -> tuple[str, int] | None:
         """Hard floors the storm options add: port capacity and UDP drops."""
@@ -331,6 +375,11 @@ class Autoscaler:
                 limit = max(limit, start - down.pods)
             return min(count, max(desired, limit))
         return desired
+
+
+def _steps(value: float, step: float) -> float:
+    """``value`` rounded up to a multiple of ``step`` (a hair of float error forgiven)."""
+    return round(math.ceil(value / step - 1e-9) * step, 6)
 
 
 def saturated(relay: RelaySample, targets: dict[str, float]) -> bool:

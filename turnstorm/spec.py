@@ -235,6 +235,20 @@ class ScalingBehavior:
     period_seconds: int
 
 
+@dataclass(frozen=True)
+class VerticalScaling:
+    """In-place CPU resizing of single relays (``spec.scaling.vertical``): factors of
+    ``spec.resources.cpu``."""
+
+    enabled: bool = False
+    max_factor: float = 1.5
+    """A relay in rotation over its allocation target gets up to this much CPU."""
+    min_factor: float = 0.25
+    """A draining relay's CPU shrinks with its calls, never below this."""
+    step: float = 0.25
+    """Factors are multiples of this."""
+
+
 @dataclass
 class ScalingPolicy:
     enabled: bool
@@ -251,6 +265,7 @@ class ScalingPolicy:
     """``pack`` or ``spread``: where new allocations land (see :mod:`turnstorm.policy`)."""
     pack_headroom: float = 0.5
     """``pack`` through rotation labels: free room kept in rotation, in relays' targets."""
+    vertical: VerticalScaling = field(default_factory=VerticalScaling)
 
     @property
     def pack_fill(self) -> float | None:
@@ -353,6 +368,12 @@ def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
             slope_window_seconds=float(sc["storm"]["slopeWindowSeconds"]),
             placement=sc["placement"]["mode"],
             pack_headroom=sc["placement"]["headroomPercent"] / 100,
+            vertical=VerticalScaling(
+                enabled=sc["vertical"]["enabled"],
+                max_factor=sc["vertical"]["maxPercent"] / 100,
+                min_factor=sc["vertical"]["minPercent"] / 100,
+                step=sc["vertical"]["stepPercent"] / 100,
+            ),
         ),
         metrics_source=s["metrics"]["source"],
         prometheus_url=s["metrics"].get("prometheusURL"),

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
 
 from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions
-from turnstorm.spec import ScalingBehavior, ScalingPolicy
+from turnstorm.spec import (
+    ScalingBehavior,
+    ScalingPolicy,
+    SpecError,
+    VerticalScaling,
+    turnpool_from_object,
+)
 
 
 def policy(targets: dict[str, float] | None = None, *, up_window: int = 0,
@@ -340,3 +347,82 @@ def test_placement_comes_from_the_turnpool() -> None:
     packed = scaling({"placement": {"mode": "pack", "headroomPercent": 30},
                       "targets": {"allocationsPerRelay": 200}})
     assert (packed.pack_fill, packed.pack_headroom) == (200.0, 0.3)
+
+
+# -- vertical resizing ---------------------------------------------------------------------
+
+VERTICAL = VerticalScaling(enabled=True, max_factor=1.5, min_factor=0.25, step=0.25)
+
+
+def sample(name: str, allocations: float | None, *, factor: float = 1.0,
+           draining: bool = False, ready: bool = True) -> RelaySample:
+    return RelaySample(name, ready=ready, signals={"allocations": allocations},
+                       draining=draining, drain_started=0.0 if draining else None,
+                       cpu_factor=factor)
+
+
+# (name, relay, expected new factor or None for no change); target 100, tolerance 0.1
+RESIZE_CASES: list[tuple[str, RelaySample, float | None]] = [
+    ("at target: no change", sample("a", 100), None),
+    ("just over: one step up", sample("a", 101), 1.25),
+    ("over by 40 %: two steps", sample("a", 140), 1.5),
+    ("far over: capped at max", sample("a", 400), 1.5),
+    ("already at max: no change", sample("a", 400, factor=1.5), None),
+    ("inside the hysteresis: stays up", sample("a", 95, factor=1.25), None),
+    ("fits a step lower with the tolerance: down", sample("a", 90, factor=1.25), 1.0),
+    ("a relay in rotation never goes under 1", sample("a", 3, factor=1.0), None),
+    ("a shrunk relay back in rotation comes back to 1", sample("a", 10, factor=0.25), 1.0),
+    ("draining: shrinks with its calls", sample("a", 40, draining=True), 0.5),
+    ("draining: never under the minimum", sample("a", 2, draining=True), 0.25),
+    ("draining, one call left: to the minimum", sample("a", 1, draining=True, factor=0.5),
+     0.25),
+    ("draining: an over-full relay still gets more", sample("a", 130, draining=True), 1.5),
+    ("missing data: no change", sample("a", None, factor=1.25), None),
+    ("not ready: no change", sample("a", 300, ready=False), None),
+    ("above a lowered maximum: down to it", sample("a", 400, factor=2.0), 1.5),
+]
+
+
+@pytest.mark.parametrize("case", RESIZE_CASES, ids=[c[0] for c in RESIZE_CASES])
+def test_vertical_resize(case: tuple[str, RelaySample, float | None]) -> None:
+    _, relay, expect = case
+    scaling = dataclasses.replace(policy(), vertical=VERTICAL)
+    # a second relay with room keeps the pool from scaling (this is about resizing)
+    decision = Autoscaler(scaling, 1, 10, HPA).evaluate(0.0, [relay, sample("b", 0)])
+    assert decision.resize.get(relay.name) == expect
+    assert "b" not in decision.resize
+
+
+def test_vertical_off_or_without_an_allocation_target_never_resizes() -> None:
+    hot = [sample("a", 400), sample("b", 2, draining=True)]
+    assert Autoscaler(policy(), 1, 10, HPA).evaluate(0.0, hot).resize == {}
+    no_target = dataclasses.replace(policy({"cpuUtilization": 70}), vertical=VERTICAL)
+    assert Autoscaler(no_target, 1, 10, HPA).evaluate(0.0, hot).resize == {}
+
+
+def test_a_relay_drained_or_removed_by_the_same_decision() -> None:
+    scaling = dataclasses.replace(policy(down_window=0), vertical=VERTICAL)
+    scaler = Autoscaler(scaling, 1, 10, HPA)
+    # 3 relays with 40 calls in all: two go; the emptier one drains and shrinks at once
+    decision = scaler.evaluate(0.0, [sample("a", 30), sample("b", 10), sample("c", 0)])
+    assert sorted(decision.drain) == ["b", "c"]
+    assert decision.resize == {"b": 0.25, "c": 0.25}
+    # an empty draining relay is removed, not resized
+    decision = scaler.evaluate(1.0, [sample("a", 30), sample("b", 0, draining=True)])
+    assert decision.remove == ["b"] and decision.resize == {}
+
+
+def test_vertical_options_come_from_the_turnpool() -> None:
+    doc = {"apiVersion": "turnstorm.io/v1alpha1", "kind": "TurnPool",
+           "metadata": {"name": "p"},
+           "spec": {"realm": "r", "authSecretRef": {"name": "s"},
+                    "scaling": {"targets": {"allocationsPerRelay": 100},
+                                "vertical": {"enabled": True, "maxPercent": 200,
+                                             "minPercent": 10, "stepPercent": 50}}}}
+    assert turnpool_from_object(doc).scaling.vertical == VerticalScaling(True, 2.0, 0.1, 0.5)
+    del doc["spec"]["scaling"]["vertical"]
+    assert turnpool_from_object(doc).scaling.vertical == VerticalScaling()
+    assert not VerticalScaling().enabled
+    doc["spec"]["scaling"]["vertical"] = {"maxPercent": 90}
+    with pytest.raises(SpecError, match="maxPercent: should be greater than or equal to 100"):
+        turnpool_from_object(doc)
