@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import secrets
 import socket
 import time
@@ -74,6 +75,8 @@ class PoolRelay:
     drain_started: float | None = None
     alternate: str | None = None
     """``HOST:PORT`` given to coturn's ``aas`` while draining."""
+    cpu_factor: float = 1.0
+    """CPU cap now, as a factor of the pool's ``cpus`` (vertical resizing)."""
 
     @property
     def host(self) -> str:
@@ -317,15 +320,28 @@ class LocalPool:
             samples.append(RelaySample(
                 name=member.name, ready=values.get("up", 0.0) >= 1.0, signals=signals,
                 draining=member.draining, drain_started=member.drain_started,
-                port_capacity=port_capacity))
+                port_capacity=port_capacity, cpu_factor=member.cpu_factor))
         return samples
+
+    def resize(self, name: str, factor: float) -> None:
+        """Set one relay's CPU cap to ``factor`` times the pool's, in place: the relay
+        and its allocations carry on (vertical resizing, as a pod resized in place)."""
+        member = self.get(name)
+        if member.cgroup is None or self.cpus is None:
+            raise PoolError("resizing a relay needs a CPU-capped pool (cpus)")
+        if not (math.isfinite(factor) and factor > 0):
+            raise PoolError(f"CPU factor must be positive, not {factor!r}")
+        member.cgroup.set_cpus(self.cpus * factor)
+        self._log(f"resized {name} from {member.cpu_factor:.0%} to {factor:.0%} of "
+                  f"{self.cpus:g} CPU")
+        member.cpu_factor = factor
 
     def apply(self, decision: Decision, now: float | None = None) -> dict[str, list[str]]:
         """Carry out a :class:`~turnstorm.policy.Decision`: undrain, drain, remove, then
         start the relays it still asks for."""
         now = self.clock() if now is None else now
         done: dict[str, list[str]] = {"undrained": [], "drained": [], "removed": [],
-                                      "started": []}
+                                      "started": [], "resized": []}
         for name in decision.undrain:
             self.undrain(name)
             done["undrained"].append(name)
@@ -336,6 +352,10 @@ class LocalPool:
             if name in self.relays:
                 self.remove(name)
                 done["removed"].append(name)
+        for name, factor in decision.resize.items():
+            if name in self.relays and self.relays[name].cgroup is not None:
+                self.resize(name, factor)
+                done["resized"].append(name)
         for _ in range(decision.scale_up):
             done["started"].append(self.start_relay().name)
         return done

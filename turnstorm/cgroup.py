@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import time
@@ -173,6 +174,23 @@ class CpuCgroup:
             self.remove()
             raise
         return self
+
+    def set_cpus(self, cpus: float) -> None:
+        """Change the CPU limit of the live group, in place (its processes keep running)."""
+        if not (math.isfinite(cpus) and cpus > 0):
+            raise CgroupError(f"the CPU limit must be positive, not {cpus!r}")
+        if not self.created or self.hierarchy is None:
+            raise CgroupError(f"cgroup {self.name} is not created")
+        previous = self.cpus
+        self.cpus = cpus
+        try:
+            if self.hierarchy.version == 2:
+                _write(os.path.join(self.path, "cpu.max"), f"{self.quota_us} {self.period_us}")
+            else:
+                _write(os.path.join(self.path, "cpu.cfs_quota_us"), str(self.quota_us))
+        except CgroupError:
+            self.cpus = previous
+            raise
 
     def _enable_cpu_v2(self) -> None:
         assert self.hierarchy is not None

@@ -145,6 +145,56 @@ async def test_drained_relay_redirects_new_allocations(cgroups_root: str) -> Non
         assert pool.rotation() == [a.uri]
 
 
+def cpu_cap(path: str) -> float:
+    """The group's CPU cap in cores, from cgroup v1 or v2 files."""
+    v2 = os.path.join(path, "cpu.max")
+    if os.path.exists(v2):
+        with open(v2, encoding="ascii") as handle:
+            quota, period = handle.read().split()
+    else:
+        with open(os.path.join(path, "cpu.cfs_quota_us"), encoding="ascii") as handle:
+            quota = handle.read().strip()
+        with open(os.path.join(path, "cpu.cfs_period_us"), encoding="ascii") as handle:
+            period = handle.read().strip()
+    return int(quota) / int(period)
+
+
+async def test_a_relay_is_resized_in_place_under_a_live_allocation(cgroups_root: str) -> None:
+    with LocalPool(cpus=0.25) as pool:
+        relay = pool.start_relay()
+        assert relay.cgroup is not None and relay.pid is not None
+        pid = relay.pid
+        assert cpu_cap(relay.cgroup.path) == pytest.approx(0.25)
+        creds = Credentials.ephemeral(pool.secret, unique_user("resize"), time.time())
+        client = await TurnClient.connect((relay.host, relay.port), "udp", credentials=creds)
+        try:
+            await client.allocate()
+            def decision(resize: dict[str, float]) -> Decision:
+                return Decision(desired=1, active=1, ratios={}, recommendations={},
+                                limiting_signal=None, drain=[], undrain=[], remove=[],
+                                reason="test", resize=resize)
+
+            done = await asyncio.to_thread(pool.apply, decision({relay.name: 1.5}))
+            assert done["resized"] == [relay.name] and done["started"] == []
+            assert cpu_cap(relay.cgroup.path) == pytest.approx(0.375)
+            assert relay.pid == pid and pid in relay.cgroup.pids()  # the same process
+            samples = await asyncio.to_thread(pool.samples, 1.0)
+            assert samples[0].cpu_factor == 1.5 and samples[0].allocations == 1.0
+            assert await client.refresh(600) == 600  # the allocation carried on
+            await asyncio.to_thread(pool.resize, relay.name, 0.25)
+            assert cpu_cap(relay.cgroup.path) == pytest.approx(0.0625)
+            assert await client.refresh(600) == 600
+            with pytest.raises(PoolError, match="must be positive"):
+                pool.resize(relay.name, 0.0)
+            assert any(f"resized {relay.name} from 150% to 25%" in e for e in pool.events)
+        finally:
+            await client.aclose()
+    with LocalPool(cpus=None) as uncapped:
+        member = uncapped.start_relay()
+        with pytest.raises(PoolError, match="needs a CPU-capped pool"):
+            uncapped.resize(member.name, 1.5)
+
+
 async def test_controller_finishes_a_drain_once_its_calls_end(cgroups_root: str) -> None:
     from turnstorm.localmode.control import Controller
     from turnstorm.localmode.rotation import Rotation
