@@ -18,6 +18,7 @@ and those inside it ``active``: new allocations fill the oldest relays first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import socket
@@ -28,10 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kubernetes.client.exceptions import ApiException
+
 from turnstorm.exporter import SignalTracker, scrape_signals
 from turnstorm.operator.kube import Kube
 from turnstorm.operator.render import (
     DELETION_COST,
+    RELAY_CONTAINER,
     ROTATION_ACTIVE,
     ROTATION_DRAINING,
     ROTATION_LABEL,
@@ -40,7 +44,7 @@ from turnstorm.operator.render import (
 )
 from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions, open_relays
 from turnstorm.proto import stun
-from turnstorm.spec import TurnPoolSpec
+from turnstorm.spec import SpecError, TurnPoolSpec, parse_quantity_cpu
 
 DRAIN_STARTED = "turnstorm.io/drain-started"
 REMOVED_AT = "turnstorm.io/removed-at"
@@ -65,6 +69,8 @@ class PodView:
     removed_at: float | None = None
     created: float | None = None
     standby: bool = False
+    cpu: float | None = None
+    """The relay container's CPU limit (cores), as the pod spec has it now."""
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -89,6 +95,12 @@ def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
         annotations = meta.get("annotations") or {}
         conditions = status.get("conditions") or []
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        cpu: float | None = None
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            limit = ((container.get("resources") or {}).get("limits") or {}).get("cpu")
+            if container.get("name") == RELAY_CONTAINER and limit is not None:
+                with contextlib.suppress(SpecError):
+                    cpu = parse_quantity_cpu(str(limit))
         views.append(PodView(
             name=meta["name"], ip=status.get("podIP"), ready=ready,
             draining=labels.get(ROTATION_LABEL) == ROTATION_DRAINING,
@@ -97,6 +109,7 @@ def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
             removed_at=_parse_time(annotations.get(REMOVED_AT)),
             created=_parse_time(meta.get("creationTimestamp")),
             standby=labels.get(ROTATION_LABEL) == ROTATION_STANDBY,
+            cpu=cpu,
         ))
     return sorted(views, key=lambda v: v.name)
 
@@ -259,6 +272,7 @@ def samples_for(spec: TurnPoolSpec, views: list[PodView], replicas: int,
             drain_started=(now - (wall - view.drain_started)
                            if view.drain_started is not None else None),
             port_capacity=spec.relay_port_count,
+            cpu_factor=cpu_factor(spec, view),
         ))
     # Pods the Deployment wants but that do not exist yet: not ready, no data.
     active = sum(1 for s in samples if not s.draining)
@@ -266,6 +280,17 @@ def samples_for(spec: TurnPoolSpec, views: list[PodView], replicas: int,
     for index in range(max(0, replicas - draining - active)):
         samples.append(RelaySample(name=f"(pending-{index})", ready=False))
     return samples
+
+
+def cpu_factor(spec: TurnPoolSpec, view: PodView) -> float:
+    """The relay's CPU as a factor of ``spec.resources.cpu`` (1 when unknown)."""
+    if view.cpu is None or spec.cpu_cores <= 0:
+        return 1.0
+    return round(view.cpu / spec.cpu_cores, 6)
+
+
+def millicores(cores: float) -> str:
+    return f"{max(1, round(cores * 1000))}m"
 
 
 def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolScaler,
@@ -306,6 +331,20 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
                        f"relay {name} removed: {why}"))
 
     standby = _place(kube, spec, views, by_name, decision)
+    resized = {v.name: cpu_factor(spec, v) for v in live}
+    for name, factor in decision.resize.items():
+        if name.startswith("(pending") or name not in resized:
+            continue
+        cpu = millicores(spec.cpu_cores * factor)
+        try:
+            kube.resize_pod_cpu(spec.namespace, name, RELAY_CONTAINER, cpu)
+        except ApiException as exc:
+            events.append(("Warning", "ResizeFailed", f"relay {name} CPU to {cpu}: "
+                           f"{exc.status} {exc.reason}"))
+            continue
+        events.append(("Normal", "Resize", f"relay {name} CPU {resized[name]:.0%} -> "
+                       f"{factor:.0%} of {spec.cpu} ({_allocs(by_name[name])} allocations)"))
+        resized[name] = factor
 
     draining = [s for s in samples if s.draining and s.name not in decision.undrain
                 and s.name not in decision.remove]
@@ -334,6 +373,10 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
     }
     if spec.scaling.pack_fill is not None or any(v.standby for v in views):
         status["standbyRelays"] = standby
+    if spec.scaling.vertical.enabled or any(f != 1.0 for f in resized.values()):
+        status["resizedRelays"] = [
+            {"name": n, "cpuPercent": round(100 * f)} for n, f in sorted(resized.items())
+            if f != 1.0 and n not in decision.remove]
     if new_replicas != replicas:
         status["lastScaleTime"] = iso(wall)
     probes = {s.name: s.signals.get("probe_rtt_ms") for s in samples

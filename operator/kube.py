@@ -131,6 +131,13 @@ class Kube:
         self.core.patch_namespaced_pod(name, namespace, body)
 
 
+    def resize_pod_cpu(self, namespace: str, name: str, container: str, cpu: str) -> None:
+        """Set one container's CPU request and limit in place (the pod's ``resize``
+        subresource, Kubernetes 1.33+); the kubelet applies it without a restart."""
+        body = {"spec": {"containers": [{"name": container, "resources": {
+            "requests": {"cpu": cpu}, "limits": {"cpu": cpu}}}]}}
+        self.core.patch_namespaced_pod_resize(name, namespace, body)
+
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
             self.core.delete_namespaced_pod(name, namespace)

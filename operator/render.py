@@ -32,6 +32,8 @@ ROTATION_DRAINING = "draining"
 ROTATION_STANDBY = "standby"
 """placement pack: ready, not draining, kept out of the client Service until needed."""
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+RELAY_CONTAINER = "coturn"
+"""The relay container's name in every relay pod."""
 CONFIG_HASH = "turnstorm.io/config-hash"
 CLI_PORT = 5766
 DEFAULT_EXPORTER_IMAGE = "ghcr.io/turnstorm/turnstorm:0.1.0"
@@ -154,7 +156,7 @@ def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manife
     conf_hash = hashlib.sha256(conf.encode()).hexdigest()[:16]
     host_network = spec.exposure == "hostNetwork"
     relay = {
-        "name": "coturn",
+        "name": RELAY_CONTAINER,
         "image": spec.image,
         "args": [
             "-c", "/etc/coturn/turnserver.conf",

@@ -102,7 +102,9 @@ def make_pod(plane: ControlPlane, doc: dict[str, Any], index: int, ip: str) -> s
     pod = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": spec.namespace,
                         "labels": {**labels(spec), "turnstorm.io/rotation": "active"}},
-           "spec": {"containers": [{"name": "coturn", "image": spec.image}]}}
+           "spec": {"containers": [{"name": "coturn", "image": spec.image, "resources": {
+               "requests": {"cpu": spec.cpu, "memory": spec.memory},
+               "limits": {"cpu": spec.cpu, "memory": spec.memory}}}]}}
     plane.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(pod))
     status = {"status": {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running",
                          "conditions": [{"type": "Ready", "status": "True"}]}}
@@ -299,6 +301,58 @@ def test_pack_placement_keeps_the_younger_relay_on_standby_until_needed(
             clients = []
             wait_for(lambda: rotation(pods[1]) == "standby", timeout=30,
                      what="back on standby once the calls ended")
+    finally:
+        for client in clients:
+            loop.run_until_complete(client.aclose())
+        loop.close()
+
+
+def test_vertical_resizes_an_overloaded_relay_in_place_and_back(
+        control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
+    """spec.scaling.vertical: 6 allocations on a relay whose target is 4 resize its pod's
+    CPU to 150 % through the pods/resize subresource; when they end it goes back to 100 %."""
+    doc = prepare(control_plane, namespace, relays, "vert")
+    doc["spec"]["replicas"] = {"min": 2, "max": 2, "target": 2}
+    doc["spec"]["resources"] = {"cpu": "200m", "memory": "128Mi"}
+    doc["spec"]["scaling"]["vertical"] = {"enabled": True, "maxPercent": 150}
+    loop = asyncio.new_event_loop()
+    clients: list[TurnClient] = []
+
+    def cpu(pod: str) -> tuple[str | None, str | None]:
+        found = get(control_plane, "pod", pod, namespace) or {}
+        resources = found.get("spec", {}).get("containers", [{}])[0].get("resources", {})
+        return (resources.get("requests", {}).get("cpu"),
+                resources.get("limits", {}).get("cpu"))
+
+    def status() -> dict[str, Any]:
+        return pool_status(control_plane, "vert", namespace)
+
+    try:
+        with running_operator():
+            pods = apply_with_pods(control_plane, namespace, doc)
+            wait_for(lambda: status().get("resizedRelays") == [], timeout=30,
+                     what=lambda: f"a first evaluation: {status()}")
+            assert cpu(pods[0]) == ("200m", "200m")
+            clients = loop.run_until_complete(allocate(HOSTS[0], relays.secret, 6))
+            wait_for(lambda: cpu(pods[0]) == ("300m", "300m"), timeout=30,
+                     what=lambda: f"{pods[0]} resized to 150 %: {cpu(pods[0])}")
+            assert cpu(pods[1]) == ("200m", "200m")
+            wait_for(lambda: status().get("resizedRelays") == [
+                {"name": pods[0], "cpuPercent": 150}], timeout=10,
+                what=lambda: f"status resizedRelays: {status()}")
+            found = get(control_plane, "deployment", "vert", namespace)
+            assert found is not None and found["spec"]["replicas"] == 2
+            for client in clients:
+                loop.run_until_complete(client.aclose())
+            clients = []
+            wait_for(lambda: cpu(pods[0]) == ("200m", "200m"), timeout=30,
+                     what=lambda: f"{pods[0]} back to 100 %: {cpu(pods[0])}")
+            wait_for(lambda: status().get("resizedRelays") == [], timeout=10,
+                     what=lambda: f"status resizedRelays: {status()}")
+            events = control_plane.kubectl(
+                "get", "events", "-n", namespace, "--field-selector", "reason=Resize",
+                "-o", "jsonpath={.items[*].message}").stdout
+            assert "100% -> 150%" in events and "150% -> 100%" in events, events
     finally:
         for client in clients:
             loop.run_until_complete(client.aclose())
