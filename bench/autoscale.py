@@ -8,7 +8,10 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
    (Allocate + ChannelBind) sending 160-byte ChannelData every 20 ms to an echo peer, so
    each call puts 100 packets/s through the relay. Per step: loss, p99 RTT, the relay's
    CPU. The knee is the most calls meeting the SLO (loss < 1 %, p99 RTT < 150 ms); the
-   saturation throughput is the most relayed packets/s seen when overdriven.
+   saturation throughput is the most relayed packets/s seen when overdriven. Then the same
+   relay is resized in place to 150 % of its CPU (its cgroup quota, as a pod resized in
+   place), the calls carrying on, and driven further: the most it relays then, per core,
+   against the base gives the model's ``burst_efficiency`` (at most 1).
 2. **Trace replay (modeled).** :mod:`turnstorm.simulate` replays a reconnect storm and a
    flash crowd, sized for relays of the calibrated capacity, against three policies run by
    the real :class:`~turnstorm.policy.Autoscaler`:
@@ -21,8 +24,10 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
      rotation at once if load returns, so scale-in can start early), drain deadline 900
      s, scale-in by drain, placement pack (new calls fill the oldest relays in rotation
      up to the target before the next takes any: relays started ahead of the storm stay
-     empty until needed, and calls after the storm avoid the relays about to drain); all
-     of these are TurnPool fields;
+     empty until needed, and calls after the storm avoid the relays about to drain),
+     vertical resizing 25-150 % in steps of 25 % (a relay over its target gets more CPU
+     within a second while new relays take 15 s to start; a draining relay's CPU shrinks
+     with its calls); all of these are TurnPool fields;
    * ``hpa-cpu70``: an HPA v2 on cpuUtilization 70 % of the limit, default behaviors
      (up: window 0, max(100 %, 4 pods)/15 s; down: window 300 s, 100 %/15 s), 15 s sync
      period, CPU averaged over 15 s (metrics-server), scale-in deletes the newest pods;
@@ -35,7 +40,10 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
 
    Prints per policy and trace: SLO-violation seconds, replica-seconds, allocations cut
    during scale-in, time to recover, and ratios to the best baseline (fewest violation
-   seconds, then fewest replica-seconds). ``uncut-s`` adds, for every relay a policy
+   seconds, then fewest replica-seconds). Replica-seconds count each relay at its CPU
+   factor (a relay resized to 150 % counts 1.5, one shrunk to 25 % counts 0.25: the CPU
+   requests a cluster reserves); ``pod-s`` counts pods whatever their size (equal for the
+   baselines, which never resize). ``uncut-s`` adds, for every relay a policy
    deleted with calls on it, the seconds it would have had to live for those calls to
    end: the replica-seconds of the same decisions without cutting a call (the baselines'
    replica-seconds are cheap partly because they cut). The verdict uses ``repl x``.
@@ -44,8 +52,8 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
    ``LocalPool.apply`` every second, and generator calls: a base load, a reconnect storm
    that overloads the single relay, the scale-out, calls leaving, the drain and removal.
    Calls on a relay losing > 5 % of packets for 2 s re-allocate from the rotation (an ICE
-   restart), as in the model. Prints RTT p99/loss before and after the scale-out and the
-   allocations cut at scale-in.
+   restart), as in the model. Vertical resizing is on, as in the replay. Prints RTT
+   p99/loss before and after the scale-out and the allocations cut at scale-in.
 
 The last line is the verdict: ``autoscale: <figure> (goal <goal>) ok|short``.
 """
@@ -55,6 +63,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import struct
@@ -85,7 +94,7 @@ from turnstorm.simulate import (
     reconnect_storm,
     simulate,
 )
-from turnstorm.spec import ScalingBehavior, ScalingPolicy
+from turnstorm.spec import ScalingBehavior, ScalingPolicy, VerticalScaling
 
 SLO_RTT_MS = 150.0
 SLO_LOSS = 0.01
@@ -290,9 +299,14 @@ class Step:
         return self.loss < SLO_LOSS and self.p99_ms < SLO_RTT_MS
 
 
-async def calibrate(cpus: float, steps: list[int], seconds: float) -> list[Step]:
+async def calibrate(cpus: float, steps: list[int], seconds: float,
+                    burst: float = 1.0, burst_steps: list[int] | None = None
+                    ) -> tuple[list[Step], list[Step]]:
+    """Steps at ``cpus``, then (``burst`` > 1) the same relay resized in place to
+    ``burst`` times that CPU, carrying on with ``burst_steps``: (base steps, burst steps)."""
     echo, peer = start_echo()
     results: list[Step] = []
+    bursted: list[Step] = []
     try:
         with LocalPool(cpus=cpus, cgroup_prefix=f"bench-cal-{random.getrandbits(24):06x}"
                        ) as pool:
@@ -303,38 +317,50 @@ async def calibrate(cpus: float, steps: list[int], seconds: float) -> list[Step]
             server = (relay.host, relay.port)
             stop = asyncio.Event()
             sender = asyncio.create_task(media.run(stop))
+            async def step(count: int, into: list[Step]) -> Step:
+                missing = count - len(media.calls)
+                await media.open_many(lambda: server, [float("inf")] * missing)
+                await asyncio.sleep(0.3)
+                first = media.second() + 1
+                while media.second() < first:
+                    await asyncio.sleep(0.02)
+                assert relay.pid is not None
+                cpu0, t0 = read_cpu_seconds(relay.pid), time.perf_counter()
+                await asyncio.sleep(seconds)
+                cpu = (read_cpu_seconds(relay.pid) - cpu0) / (time.perf_counter() - t0)
+                last = media.second()
+                await asyncio.sleep(0.6)  # late echoes
+                p99, loss, sent = media.window(first, last)
+                span = max(1, last - first)
+                into.append(Step(len(media.calls), 2 * sent / span,
+                                 2 * sent * (1 - loss) / span, loss, p99, cpu))
+                s = into[-1]
+                print(f"  {s.calls:>5} calls {s.offered_pps:>8.0f} {s.relayed_pps:>8.0f} "
+                      f"{s.loss:>7.2%} {s.p99_ms:>8.1f} {s.cpu_cores:>6.2f}", flush=True)
+                return s
+
             try:
                 for count in steps:
-                    missing = count - len(media.calls)
-                    await media.open_many(lambda: server, [float("inf")] * missing)
-                    await asyncio.sleep(0.3)
-                    first = media.second() + 1
-                    while media.second() < first:
-                        await asyncio.sleep(0.02)
-                    cpu0, t0 = read_cpu_seconds(relay.pid), time.perf_counter()
-                    await asyncio.sleep(seconds)
-                    cpu = (read_cpu_seconds(relay.pid) - cpu0) / (time.perf_counter() - t0)
-                    last = media.second()
-                    await asyncio.sleep(0.6)  # late echoes
-                    p99, loss, sent = media.window(first, last)
-                    span = max(1, last - first)
-                    results.append(Step(len(media.calls), 2 * sent / span,
-                                        2 * sent * (1 - loss) / span, loss, p99, cpu))
-                    s = results[-1]
-                    print(f"  {s.calls:>5} calls {s.offered_pps:>8.0f} {s.relayed_pps:>8.0f} "
-                          f"{s.loss:>7.2%} {s.p99_ms:>8.1f} {s.cpu_cores:>6.2f}", flush=True)
-                    if s.loss > 0.05:
+                    if (await step(count, results)).loss > 0.05:
                         break
+                if burst > 1 and burst_steps:
+                    pool.resize(relay.name, burst)
+                    print(f"  resized in place to {cpus * burst:g} CPU ({burst:.0%}), the "
+                          "calls carry on:", flush=True)
+                    for count in burst_steps:
+                        if (await step(max(count, len(media.calls)), bursted)).loss > 0.05:
+                            break
             finally:
                 stop.set()
                 await sender
                 await media.close()
     finally:
         stop_echo(echo)
-    return results
+    return results, bursted
 
 
-def fit_model(steps: list[Step], cpus: float) -> tuple[RelayModel, Step]:
+def fit_model(steps: list[Step], cpus: float, bursted: list[Step] | None = None,
+              burst: float = 1.0) -> tuple[RelayModel, Step]:
     good = [s for s in steps if s.meets_slo]
     knee = max(good, key=lambda s: s.calls) if good else steps[0]
     light = steps[0]
@@ -348,6 +374,11 @@ def fit_model(steps: list[Step], cpus: float) -> tuple[RelayModel, Step]:
                            cpu_limit=cpus, base_p99_ms=light.p99_ms,
                            knee_pps=knee.relayed_pps, knee_p99_ms=knee.p99_ms,
                            max_p99_ms=max(max_p99, 2 * SLO_RTT_MS))
+    if bursted and burst > 1:
+        # Throughput per core at the burst CPU relative to the base CPU. Not overdriven
+        # (the generator stopped first): what was relayed is a lower bound.
+        efficiency = max(s.relayed_pps for s in bursted) / (burst * capacity)
+        model = dataclasses.replace(model, burst_efficiency=min(1.0, efficiency))
     return model, knee
 
 
@@ -358,10 +389,16 @@ def behavior(window: int, percent: int, pods: int) -> ScalingBehavior:
     return ScalingBehavior(window, percent, pods, 15)
 
 
-def policy(targets: dict[str, float], down_window: int = 300) -> ScalingPolicy:
+BURST = 1.5
+"""Our vertical.maxPercent / 100; the calibration measures a relay resized to it."""
+VERTICAL = VerticalScaling(enabled=True, max_factor=BURST, min_factor=0.25, step=0.25)
+
+
+def policy(targets: dict[str, float], down_window: int = 300,
+           vertical: VerticalScaling | None = None) -> ScalingPolicy:
     return ScalingPolicy(enabled=True, tolerance=0.1, targets=targets,
                          scale_up=behavior(0, 100, 4), scale_down=behavior(down_window, 100, 0),
-                         drain_deadline_seconds=900)
+                         drain_deadline_seconds=900, vertical=vertical or VerticalScaling())
 
 
 def setups(slo_calls: int, max_relays: int) -> list[PolicySetup]:
@@ -369,12 +406,14 @@ def setups(slo_calls: int, max_relays: int) -> list[PolicySetup]:
     keda = round(KEDA_TARGET_SHARE * slo_calls)
     return [
         PolicySetup("ours", lambda: Autoscaler(
-            policy({"allocationsPerRelay": ours}, down_window=30), 1, max_relays,
+            policy({"allocationsPerRelay": ours}, down_window=30, vertical=VERTICAL), 1,
+            max_relays,
             StormOptions(lookahead_seconds=30, slope_window_seconds=10)), interval=1,
             drain=True, pack_fill=ours,
             description=f"allocationsPerRelay {ours}, storm lookahead 30 s over a 10 s slope "
                         "window, interval 1 s, scaleDown window 30 s, placement pack, drain "
-                        "(deadline 900 s)"),
+                        f"(deadline 900 s), vertical {VERTICAL.min_factor:.0%}-"
+                        f"{VERTICAL.max_factor:.0%} in steps of {VERTICAL.step:.0%}"),
         PolicySetup("hpa-cpu70", lambda: Autoscaler(
             policy({"cpuUtilization": 70}), 1, max_relays, StormOptions(enabled=False)),
             interval=15, drain=False,
@@ -444,7 +483,8 @@ async def live(cpus: float, knee_calls: int, slo_calls: int, quick: bool) -> Liv
     scaler = Autoscaler(
         ScalingPolicy(enabled=True, tolerance=0.1, targets={"allocationsPerRelay": target},
                       scale_up=ScalingBehavior(0, 100, 4, 15),
-                      scale_down=ScalingBehavior(4, 100, 0, 15), drain_deadline_seconds=60),
+                      scale_down=ScalingBehavior(4, 100, 0, 15), drain_deadline_seconds=60,
+                      vertical=VERTICAL),
         1, 4, StormOptions(lookahead_seconds=5, slope_window_seconds=5))
     base_calls = max(10, round(0.6 * knee_calls))
     storm_calls = max(10, round(1.0 * knee_calls))
@@ -582,14 +622,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. calibration: one coturn capped at {args.cpus:g} CPU, calls of {MEDIA_PPS} pps "
           f"each way ({SESSION_RELAYED_PPS} relayed pps), {step_seconds:g} s per step")
     print(f"  {'':>11}{'offered':>9}{'relayed':>9}{'loss':>8}{'p99 ms':>9}{'CPU':>7}")
-    steps = run(calibrate(args.cpus, counts, step_seconds))
-    assert isinstance(steps, list)
-    model, knee = fit_model(steps, args.cpus)
+    burst_counts = [round(BURST * n) for n in counts[-3:]]
+    calibrated = run(calibrate(args.cpus, counts, step_seconds, BURST, burst_counts))
+    assert isinstance(calibrated, tuple)
+    steps, bursted = calibrated
+    model, knee = fit_model(steps, args.cpus, bursted, BURST)
     slo_calls = model.slo_sessions(SLO_RTT_MS, SLO_LOSS)
     print(f"  knee: {knee.calls} calls = {knee.relayed_pps:.0f} relayed pps (loss "
           f"{knee.loss:.2%}, p99 {knee.p99_ms:.1f} ms); saturation {model.capacity_pps:.0f} "
           f"relayed pps; CPU {model.cpu_per_packet * 1e6:.1f} us/packet; light-load p99 "
           f"{model.base_p99_ms:.1f} ms")
+    if bursted:
+        print(f"  resized to {BURST:.0%}: {max(s.relayed_pps for s in bursted):.0f} relayed pps"
+              f" at most = x{model.burst_efficiency:.2f} the base throughput per core (at "
+              "most 1 is used: a resized relay is never assumed better than linear)")
     print(f"  model: M/M/1/K, K={model.buffer_packets} packets, a={model.queue_ms:.1f} ms, "
           f"max p99 {model.max_p99_ms:.0f} ms -> {slo_calls} calls per relay inside the SLO "
           f"({time.perf_counter() - started:.0f} s so far)")
@@ -606,17 +652,17 @@ def main(argv: list[str] | None = None) -> int:
         best = best_baseline(results)
         print(f"  {trace.name}: {trace.description}; {len(trace.sessions)} calls, "
               f"{trace.length} s; best baseline {best.policy}")
-        print(f"    {'policy':<11}{'SLO-viol s':>11}{'replica-s':>10}{'cut':>6}{'recover s':>10}"
-              f"{'peak':>5}{'restarts':>9}{'viol x':>8}{'repl x':>8}{'uncut-s':>9}"
-              f"{'x uncut':>8}")
+        print(f"    {'policy':<11}{'SLO-viol s':>11}{'replica-s':>10}{'pod-s':>7}{'cut':>6}"
+              f"{'recover s':>10}{'peak':>5}{'restarts':>9}{'resizes':>8}{'viol x':>8}"
+              f"{'repl x':>8}{'uncut-s':>9}{'x uncut':>8}")
         for r in results:
             vr = ratio(r.slo_violation_seconds, best.slo_violation_seconds)
             rr = ratio(r.replica_seconds, best.replica_seconds)
             ur = ratio(r.uncut_replica_seconds, best.uncut_replica_seconds)
-            print(f"    {r.policy:<11}{r.slo_violation_seconds:>11}{r.replica_seconds:>10}"
-                  f"{r.allocations_cut:>6}{r.recover_seconds:>10}{r.peak_relays:>5}"
-                  f"{r.restarts:>9}{vr:>8.2f}{rr:>8.2f}{r.uncut_replica_seconds:>9}"
-                  f"{ur:>8.2f}")
+            print(f"    {r.policy:<11}{r.slo_violation_seconds:>11}{r.replica_seconds:>10.0f}"
+                  f"{r.pod_seconds:>7}{r.allocations_cut:>6}{r.recover_seconds:>10}"
+                  f"{r.peak_relays:>5}{r.restarts:>9}{r.resizes:>8}{vr:>8.2f}{rr:>8.2f}"
+                  f"{r.uncut_replica_seconds:>9.0f}{ur:>8.2f}")
             if r.policy == "ours":
                 worst_violation = max(worst_violation, vr)
                 worst_replica = max(worst_replica, rr)

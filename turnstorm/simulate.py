@@ -42,6 +42,14 @@ plateau, then back down). Call durations are log-normal, capped at ``max_duratio
 * CPU percent of the limit = ``min(100, lambda * cpu_per_packet / cpu_limit)``, the
   per-packet CPU measured at the knee; HPA reads it averaged over ``cpu_window`` seconds,
   as metrics-server does.
+
+**Vertical resizing** (``spec.scaling.vertical``): a relay resized to ``f`` times the
+pool's CPU serves ``mu * f * e`` packets/s, where ``e`` is 1 for ``f <= 1`` (measured:
+a smaller CPU cap gives at least its share of the throughput) and
+``RelayModel.burst_efficiency`` above 1 (measured by the bench at the largest factor).
+Resizes apply at the next second. ``replica_seconds`` counts every relay at its CPU
+factor (a relay at 150 % counts 1.5, one shrunk to 25 % counts 0.25), so that CPU given
+or taken by resizing is paid for; ``pod_seconds`` counts relays whatever their size.
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ class RelayModel:
     queue_ms: float
     """``a`` of the delay curve."""
     max_p99_ms: float
+    burst_efficiency: float = 1.0
+    """Throughput per core of a relay resized above its CPU, relative to at its CPU."""
 
     @classmethod
     def fit(cls, *, capacity_pps: float, cpu_per_packet: float, cpu_limit: float,
@@ -111,6 +121,12 @@ class RelayModel:
 
     def cpu_percent(self, pps: float) -> float:
         return min(100.0, 100.0 * pps * self.cpu_per_packet / self.cpu_limit)
+
+    def equivalent_load(self, pps: float, factor: float) -> float:
+        """The load a relay at its pool's CPU would see for ``pps`` on a relay resized to
+        ``factor`` (loss, RTT and CPU percent of the new limit follow from it)."""
+        speedup = factor * (self.burst_efficiency if factor > 1 else 1.0)
+        return pps / speedup
 
     def sessions_at(self, rho: float, pps: float = SESSION_RELAYED_PPS) -> float:
         return rho * self.capacity_pps / pps
@@ -240,6 +256,7 @@ class SimRelay:
     last_load: float = 0.0
     last_loss: float = 0.0
     last_p99: float = 0.0
+    cpu_factor: float = 1.0
 
     def load(self, pps: dict[int, float]) -> float:
         return sum(pps[s] for s in self.sessions)
@@ -254,6 +271,8 @@ class Second:
     p99_ms: float
     loss: float
     violating: bool
+    cpu: float = 0.0
+    """The relays' CPU factors added up (``relays`` without vertical resizing)."""
 
 
 @dataclass
@@ -261,7 +280,8 @@ class SimResult:
     policy: str
     trace: str
     seconds: list[Second]
-    replica_seconds: int
+    replica_seconds: float
+    """Relay-seconds, each relay counted at its CPU factor (1 without vertical resizing)."""
     slo_violation_seconds: int
     allocations_cut: int
     rejected: int
@@ -269,8 +289,11 @@ class SimResult:
     recover_seconds: int
     """From the storm's start until the SLO holds for good (0: never violated)."""
     peak_relays: int
+    pod_seconds: int
+    """Relay-seconds whatever each relay's CPU."""
+    resizes: int
     events: list[str]
-    uncut_replica_seconds: int = 0
+    uncut_replica_seconds: float = 0
     """``replica_seconds`` plus, for every relay deleted with calls on it, the seconds it
     would have had to live for those calls to end: what the same decisions cost without
     cutting a call (equal to ``replica_seconds`` for a policy that never cuts)."""
@@ -327,7 +350,8 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
     for sid, session in enumerate(trace.sessions):
         arrivals.setdefault(session.arrival, []).append(sid)
         pps[sid] = session.pps
-    cut = rejected = restarts = replica_seconds = 0
+    cut = rejected = restarts = pod_seconds = resizes = 0
+    replica_seconds = 0.0
     shadow: list[int] = []
     """Seconds deleted relays would have lived until their last call ended."""
     seconds: list[Second] = []
@@ -377,9 +401,10 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         lost = packets = 0.0
         for relay in relays.values():
             load = relay.last_load = relay.load(pps)
-            relay.last_loss = model.loss(load)
-            relay.last_p99 = model.p99_ms(load) if load > 0 else 0.0
-            relay.cpu.append(model.cpu_percent(load) if relay.ready_at <= now else 0.0)
+            equivalent = model.equivalent_load(load, relay.cpu_factor)
+            relay.last_loss = model.loss(equivalent)
+            relay.last_p99 = model.p99_ms(equivalent) if load > 0 else 0.0
+            relay.cpu.append(model.cpu_percent(equivalent) if relay.ready_at <= now else 0.0)
             relay.lossy_for = relay.lossy_for + 1 if relay.last_loss > cfg.restart_loss else 0
             if load > 0:
                 parts.append((load, relay.last_p99))
@@ -388,15 +413,20 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         p99 = pool_p99(parts)
         loss = lost / packets if packets else 0.0
         violating = p99 > cfg.slo_rtt_ms or loss > cfg.slo_loss
-        replica_seconds += len(relays)
+        replica_seconds += sum(r.cpu_factor for r in relays.values())
+        pod_seconds += len(relays)
         seconds.append(Second(now, len(relays), len(rotation(now)),
                               sum(len(r.sessions) for r in relays.values()), p99, loss,
-                              violating))
+                              violating, sum(r.cpu_factor for r in relays.values())))
         # 6. the policy
         if now % setup.interval == 0:
             samples = [_sample(r, now, model, setup, cfg) for r in relays.values()]
             decision = scaler.evaluate(float(now), samples)
             cut += _apply(decision, relays, now, setup, cfg, start, events, shadow)
+            for name, factor in decision.resize.items():
+                if name in relays:
+                    relays[name].cpu_factor = factor
+                    resizes += 1
 
     violating_after = [s.t for s in seconds if s.violating and s.t >= trace.storm_start]
     recover = violating_after[-1] + 1 - trace.storm_start if violating_after else 0
@@ -406,7 +436,8 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         slo_violation_seconds=sum(1 for s in seconds if s.violating),
         allocations_cut=cut, rejected=rejected, restarts=restarts, recover_seconds=recover,
         peak_relays=max(s.relays for s in seconds), events=events,
-        uncut_replica_seconds=replica_seconds + sum(shadow))
+        uncut_replica_seconds=replica_seconds + sum(shadow), pod_seconds=pod_seconds,
+        resizes=resizes)
 
 
 def _sample(relay: SimRelay, now: int, model: RelayModel, setup: PolicySetup,
@@ -422,7 +453,8 @@ def _sample(relay: SimRelay, now: int, model: RelayModel, setup: PolicySetup,
         "probe_rtt_ms": relay.last_p99,
     }
     return RelaySample(relay.name, ready=True, signals=signals, draining=relay.draining,
-                       drain_started=relay.drain_started, port_capacity=cfg.port_capacity)
+                       drain_started=relay.drain_started, port_capacity=cfg.port_capacity,
+                       cpu_factor=relay.cpu_factor)
 
 
 def _apply(decision: Decision, relays: dict[str, SimRelay], now: int, setup: PolicySetup,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -13,13 +14,14 @@ from turnstorm.simulate import (
     RelayModel,
     Session,
     SimConfig,
+    SimResult,
     Trace,
     flash_crowd,
     pool_p99,
     reconnect_storm,
     simulate,
 )
-from turnstorm.spec import ScalingBehavior, ScalingPolicy
+from turnstorm.spec import ScalingBehavior, ScalingPolicy, VerticalScaling
 
 MODEL = RelayModel.fit(capacity_pps=25_000, cpu_per_packet=12.5e-6, cpu_limit=0.25,
                        base_p99_ms=8.0, knee_pps=19_000, knee_p99_ms=70.0, max_p99_ms=900.0)
@@ -158,3 +160,40 @@ def test_pack_placement_costs_fewer_replica_seconds_through_a_storm() -> None:
         return result.replica_seconds
 
     assert run(200) < 0.9 * run(None)
+
+
+def test_a_resized_relay_serves_in_proportion_to_its_cpu() -> None:
+    load = 1.2 * MODEL.capacity_pps
+    assert MODEL.equivalent_load(load, 1.0) == load
+    assert MODEL.equivalent_load(load, 0.5) == 2 * load
+    assert MODEL.loss(MODEL.equivalent_load(load, 1.5)) < 1e-6
+    slower = dataclasses.replace(MODEL, burst_efficiency=0.8)
+    assert slower.equivalent_load(load, 1.5) == pytest.approx(load / 1.2)
+    # below 1 the efficiency does not apply (a smaller cap keeps its share)
+    assert slower.equivalent_load(load, 0.5) == 2 * load
+
+
+def test_vertical_resizing_keeps_the_first_relays_inside_the_slo_and_is_paid_for() -> None:
+    """A storm faster than relays start: without resizing the first relays are overloaded
+    and their calls stay there; resized in place they are not. Replica-seconds count each
+    relay at its CPU factor."""
+    trace = reconnect_storm(1, subscribers=3600, share=0.25, window=60, background=260,
+                            length=900)
+    vertical = VerticalScaling(enabled=True, max_factor=1.5, min_factor=0.25, step=0.25)
+
+    def run(scaling: VerticalScaling) -> SimResult:
+        made = dataclasses.replace(policy(180, down_window=30), vertical=scaling)
+        return simulate(trace, MODEL, PolicySetup(
+            "p", lambda: Autoscaler(made, 1, 12, StormOptions(lookahead_seconds=30,
+                                                              slope_window_seconds=10)),
+            interval=1, drain=True, pack_fill=180))
+
+    plain, resized = run(VerticalScaling()), run(vertical)
+    assert plain.resizes == 0 and plain.replica_seconds == plain.pod_seconds
+    assert resized.resizes > 0 and resized.allocations_cut == 0
+    assert plain.slo_violation_seconds >= 10
+    assert resized.slo_violation_seconds <= plain.slo_violation_seconds / 4
+    # bursts are counted above 1 relay each, shrunk drainers below
+    assert any(s.cpu > s.relays for s in resized.seconds)
+    assert any(s.cpu < s.relays for s in resized.seconds)
+    assert resized.replica_seconds == pytest.approx(sum(s.cpu for s in resized.seconds))
