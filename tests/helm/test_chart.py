@@ -70,6 +70,7 @@ NAMESPACED_RULES = {
       for v in ("get", "create", "patch")},
     ("", "secrets", "get"), ("", "secrets", "create"),
     ("", "pods", "list"), ("", "pods", "patch"), ("", "pods", "delete"),
+    ("", "pods/resize", "patch"),
     ("", "events", "create"), ("", "events", "patch"),
 }
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
@@ -344,6 +345,7 @@ def test_operator_reconciles_with_only_the_charts_identity(
                             capture_output=True, text=True, check=True).stdout
     assert whoami == f"system:serviceaccount:{system}:{account}"
     assert can_i(helm_plane, kubeconfig, "patch", "deployments", "-n", pools)
+    assert can_i(helm_plane, kubeconfig, "patch", "pods", "--subresource=resize", "-n", pools)
     for denied in (["delete", "secrets"], ["create", "pods"], ["delete", "turnpools"],
                    ["delete", "deployments"], ["get", "pods/exec"], ["create", "pods/exec"],
                    ["list", "secrets"], ["update", "deployments"], ["create", "clusterroles"],
