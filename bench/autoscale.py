@@ -9,9 +9,11 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
    each call puts 100 packets/s through the relay. Per step: loss, p99 RTT, the relay's
    CPU. The knee is the most calls meeting the SLO (loss < 1 %, p99 RTT < 150 ms); the
    saturation throughput is the most relayed packets/s seen when overdriven. Then the same
-   relay is resized in place to 150 % of its CPU (its cgroup quota, as a pod resized in
-   place), the calls carrying on, and driven further: the most it relays then, per core,
-   against the base gives the model's ``burst_efficiency`` (at most 1).
+   relay carries more calls than it can at 150 % of its CPU while its CPU is resized in
+   place (its cgroup quota, as a pod resized in place) to 150 % and back, twice, the calls
+   carrying on: the relayed packets/s at 150 %, per core, against the saturation
+   throughput gives the model's ``burst_efficiency`` (at most 1); the phases at 100 %
+   show what the same load gets without the resize.
 2. **Trace replay (modeled).** :mod:`turnstorm.simulate` replays a reconnect storm and a
    flash crowd, sized for relays of the calibrated capacity, against three policies run by
    the real :class:`~turnstorm.policy.Autoscaler`:
@@ -141,6 +143,10 @@ class Media:
     lags: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     """Second -> how late each 20 ms send tick fired (ms): the generator's own delay."""
     failed: int = 0
+    echoes: int = 0
+    """Echoes received so far (whenever sent)."""
+    paused: bool = False
+    """No media is sent while set (the calls stay up)."""
     pending: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _next: int = 0
 
@@ -150,6 +156,7 @@ class Media:
             now = time.perf_counter_ns()
             second = int((sent_ns / 1e9) - self.origin)
             self.received[(relay, second)] += 1
+            self.echoes += 1
             self.rtts[second].append((now - sent_ns) / 1e6)
         return handler
 
@@ -214,7 +221,8 @@ class Media:
         next_at = loop.time()
         while not stop.is_set():
             self.lags[self.second()].append(1000 * max(0.0, loop.time() - next_at))
-            self.tick()
+            if not self.paused:
+                self.tick()
             ended = [c for c in self.calls.values() if c.ends_at <= time.perf_counter()]
             for call in ended:
                 asyncio.ensure_future(self.hang_up(call))  # noqa: RUF006
@@ -299,14 +307,40 @@ class Step:
         return self.loss < SLO_LOSS and self.p99_ms < SLO_RTT_MS
 
 
-async def calibrate(cpus: float, steps: list[int], seconds: float,
-                    burst: float = 1.0, burst_steps: list[int] | None = None
-                    ) -> tuple[list[Step], list[Step]]:
-    """Steps at ``cpus``, then (``burst`` > 1) the same relay resized in place to
-    ``burst`` times that CPU, carrying on with ``burst_steps``: (base steps, burst steps)."""
+@dataclass
+class Burst:
+    """The same overdriving load on one relay, its CPU switched in place between the base
+    and ``factor`` times it, back to back: relayed packets/s in each phase."""
+
+    factor: float
+    calls: int
+    base_pps: list[float]
+    burst_pps: list[float]
+
+    @property
+    def burst(self) -> float:
+        return sum(self.burst_pps) / len(self.burst_pps)
+
+    @property
+    def base(self) -> float:
+        return sum(self.base_pps) / len(self.base_pps)
+
+    def efficiency(self, capacity_pps: float) -> float:
+        """Throughput per core at ``factor`` relative to ``capacity_pps`` at the base CPU
+        (the model's saturation throughput, so that the model's resized relay serves
+        what the resized relay was measured to)."""
+        return self.burst / (self.factor * capacity_pps)
+
+
+async def calibrate(cpus: float, steps: list[int], seconds: float, burst: float = 1.0,
+                    burst_calls: int = 480) -> tuple[list[Step], Burst | None]:
+    """Steps at ``cpus``, then (``burst`` > 1) the same relay overdriven (offered 1.15x
+    ``burst`` times its saturation, at most ``burst_calls`` calls) while its CPU is resized
+    in place to ``burst`` times ``cpus`` and back, twice: relayed packets/s per phase,
+    counted by echo arrival (at saturation the relay's output rate is its service rate)."""
     echo, peer = start_echo()
     results: list[Step] = []
-    bursted: list[Step] = []
+    measured: Burst | None = None
     try:
         with LocalPool(cpus=cpus, cgroup_prefix=f"bench-cal-{random.getrandbits(24):06x}"
                        ) as pool:
@@ -343,24 +377,38 @@ async def calibrate(cpus: float, steps: list[int], seconds: float,
                 for count in steps:
                     if (await step(count, results)).loss > 0.05:
                         break
-                if burst > 1 and burst_steps:
-                    pool.resize(relay.name, burst)
-                    print(f"  resized in place to {cpus * burst:g} CPU ({burst:.0%}), the "
-                          "calls carry on:", flush=True)
-                    for count in burst_steps:
-                        if (await step(max(count, len(media.calls)), bursted)).loss > 0.05:
-                            break
+                if burst > 1:
+                    saturation = max(s.relayed_pps for s in results)
+                    count = min(burst_calls, round(1.15 * burst * saturation
+                                                   / SESSION_RELAYED_PPS))
+                    # opened with the media paused: allocations on an overdriven relay
+                    # would take seconds each
+                    media.paused = True
+                    await asyncio.sleep(1.0)  # the relay's queue drains
+                    await media.open_many(lambda: server,
+                                          [float("inf")] * (count - len(media.calls)))
+                    media.paused = False
+                    measured = Burst(burst, len(media.calls), [], [])
+                    for factor in (burst, 1.0, burst, 1.0):
+                        pool.resize(relay.name, factor)
+                        await asyncio.sleep(0.5)
+                        e0, t0 = media.echoes, time.perf_counter()
+                        await asyncio.sleep(seconds)
+                        rate = 2 * (media.echoes - e0) / (time.perf_counter() - t0)
+                        (measured.burst_pps if factor > 1 else measured.base_pps).append(rate)
+                        print(f"  {len(media.calls):>5} calls, resized in place to "
+                              f"{cpus * factor:g} CPU: {rate:>8.0f} relayed pps", flush=True)
             finally:
                 stop.set()
                 await sender
                 await media.close()
     finally:
         stop_echo(echo)
-    return results, bursted
+    return results, measured
 
 
-def fit_model(steps: list[Step], cpus: float, bursted: list[Step] | None = None,
-              burst: float = 1.0) -> tuple[RelayModel, Step]:
+def fit_model(steps: list[Step], cpus: float, burst: Burst | None = None
+              ) -> tuple[RelayModel, Step]:
     good = [s for s in steps if s.meets_slo]
     knee = max(good, key=lambda s: s.calls) if good else steps[0]
     light = steps[0]
@@ -374,11 +422,10 @@ def fit_model(steps: list[Step], cpus: float, bursted: list[Step] | None = None,
                            cpu_limit=cpus, base_p99_ms=light.p99_ms,
                            knee_pps=knee.relayed_pps, knee_p99_ms=knee.p99_ms,
                            max_p99_ms=max(max_p99, 2 * SLO_RTT_MS))
-    if bursted and burst > 1:
-        # Throughput per core at the burst CPU relative to the base CPU. Not overdriven
-        # (the generator stopped first): what was relayed is a lower bound.
-        efficiency = max(s.relayed_pps for s in bursted) / (burst * capacity)
-        model = dataclasses.replace(model, burst_efficiency=min(1.0, efficiency))
+    if burst is not None:
+        # never assumed better than linear
+        model = dataclasses.replace(
+            model, burst_efficiency=min(1.0, burst.efficiency(model.capacity_pps)))
     return model, knee
 
 
@@ -622,20 +669,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. calibration: one coturn capped at {args.cpus:g} CPU, calls of {MEDIA_PPS} pps "
           f"each way ({SESSION_RELAYED_PPS} relayed pps), {step_seconds:g} s per step")
     print(f"  {'':>11}{'offered':>9}{'relayed':>9}{'loss':>8}{'p99 ms':>9}{'CPU':>7}")
-    burst_counts = [round(BURST * n) for n in counts[-3:]]
-    calibrated = run(calibrate(args.cpus, counts, step_seconds, BURST, burst_counts))
+    calibrated = run(calibrate(args.cpus, counts, step_seconds, BURST,
+                               round(args.cpus / 0.25 * 480)))
     assert isinstance(calibrated, tuple)
-    steps, bursted = calibrated
-    model, knee = fit_model(steps, args.cpus, bursted, BURST)
+    steps, burst = calibrated
+    model, knee = fit_model(steps, args.cpus, burst)
     slo_calls = model.slo_sessions(SLO_RTT_MS, SLO_LOSS)
     print(f"  knee: {knee.calls} calls = {knee.relayed_pps:.0f} relayed pps (loss "
           f"{knee.loss:.2%}, p99 {knee.p99_ms:.1f} ms); saturation {model.capacity_pps:.0f} "
           f"relayed pps; CPU {model.cpu_per_packet * 1e6:.1f} us/packet; light-load p99 "
           f"{model.base_p99_ms:.1f} ms")
-    if bursted:
-        print(f"  resized to {BURST:.0%}: {max(s.relayed_pps for s in bursted):.0f} relayed pps"
-              f" at most = x{model.burst_efficiency:.2f} the base throughput per core (at "
-              "most 1 is used: a resized relay is never assumed better than linear)")
+    if burst is not None:
+        print(f"  resized to {BURST:.0%}: {burst.burst:.0f} relayed pps (at 100 % under the "
+              f"same load {burst.base:.0f}) = x{burst.efficiency(model.capacity_pps):.2f} the "
+              f"saturation throughput per core (the model uses {model.burst_efficiency:.2f}: "
+              "never better than linear)")
     print(f"  model: M/M/1/K, K={model.buffer_packets} packets, a={model.queue_ms:.1f} ms, "
           f"max p99 {model.max_p99_ms:.0f} ms -> {slo_calls} calls per relay inside the SLO "
           f"({time.perf_counter() - started:.0f} s so far)")
