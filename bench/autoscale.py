@@ -11,8 +11,8 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
    saturation throughput is the most relayed packets/s seen when overdriven. Then the same
    relay carries more calls than it can at 150 % of its CPU while its CPU is resized in
    place (its cgroup quota, as a pod resized in place) to 150 % and back, twice, the calls
-   carrying on: the relayed packets/s at 150 %, per core, against the saturation
-   throughput gives the model's ``burst_efficiency`` (at most 1); the phases at 100 %
+   carrying on: what the relayed packets/s at 150 % add to the saturation throughput, per
+   unit of extra CPU, gives the model's ``burst_marginal`` (0 to 1); the phases at 100 %
    show what the same load gets without the resize.
 2. **Trace replay (modeled).** :mod:`turnstorm.simulate` replays a reconnect storm and a
    flash crowd, sized for relays of the calibrated capacity, against three policies run by
@@ -325,11 +325,11 @@ class Burst:
     def base(self) -> float:
         return sum(self.base_pps) / len(self.base_pps)
 
-    def efficiency(self, capacity_pps: float) -> float:
-        """Throughput per core at ``factor`` relative to ``capacity_pps`` at the base CPU
-        (the model's saturation throughput, so that the model's resized relay serves
-        what the resized relay was measured to)."""
-        return self.burst / (self.factor * capacity_pps)
+    def marginal(self, capacity_pps: float) -> float:
+        """What each unit of CPU above the base added, relative to ``capacity_pps`` per
+        unit at the base (the model's saturation throughput, so that the model's resized
+        relay serves what the resized relay was measured to)."""
+        return (self.burst / capacity_pps - 1) / (self.factor - 1)
 
 
 async def calibrate(cpus: float, steps: list[int], seconds: float, burst: float = 1.0,
@@ -425,7 +425,7 @@ def fit_model(steps: list[Step], cpus: float, burst: Burst | None = None
     if burst is not None:
         # never assumed better than linear
         model = dataclasses.replace(
-            model, burst_efficiency=min(1.0, burst.efficiency(model.capacity_pps)))
+            model, burst_marginal=min(1.0, max(0.0, burst.marginal(model.capacity_pps))))
     return model, knee
 
 
@@ -681,9 +681,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{model.base_p99_ms:.1f} ms")
     if burst is not None:
         print(f"  resized to {BURST:.0%}: {burst.burst:.0f} relayed pps (at 100 % under the "
-              f"same load {burst.base:.0f}) = x{burst.efficiency(model.capacity_pps):.2f} the "
-              f"saturation throughput per core (the model uses {model.burst_efficiency:.2f}: "
-              "never better than linear)")
+              f"same load {burst.base:.0f}): the extra CPU added "
+              f"x{burst.marginal(model.capacity_pps):.2f} of the saturation throughput per "
+              f"unit (the model uses {model.burst_marginal:.2f}: between 0 and linear)")
     print(f"  model: M/M/1/K, K={model.buffer_packets} packets, a={model.queue_ms:.1f} ms, "
           f"max p99 {model.max_p99_ms:.0f} ms -> {slo_calls} calls per relay inside the SLO "
           f"({time.perf_counter() - started:.0f} s so far)")

@@ -44,9 +44,11 @@ plateau, then back down). Call durations are log-normal, capped at ``max_duratio
   as metrics-server does.
 
 **Vertical resizing** (``spec.scaling.vertical``): a relay resized to ``f`` times the
-pool's CPU serves ``mu * f * e`` packets/s, where ``e`` is 1 for ``f <= 1`` (measured:
-a smaller CPU cap gives at least its share of the throughput) and
-``RelayModel.burst_efficiency`` above 1 (measured by the bench at the largest factor).
+pool's CPU serves ``mu * f`` packets/s for ``f <= 1`` (measured: a smaller CPU cap gives
+at least its share of the throughput) and ``mu * (1 + (f - 1) * m)`` above 1, where
+``m`` (``RelayModel.burst_marginal``, between 0 and 1) is the throughput each extra unit
+of CPU adds, measured by the bench on a relay resized in place: more CPU never makes a
+relay slower, and never more than linearly faster.
 Resizes apply at the next second. ``replica_seconds`` counts every relay at its CPU
 factor (a relay at 150 % counts 1.5, one shrunk to 25 % counts 0.25), so that CPU given
 or taken by resizing is paid for; ``pod_seconds`` counts relays whatever their size.
@@ -82,8 +84,9 @@ class RelayModel:
     queue_ms: float
     """``a`` of the delay curve."""
     max_p99_ms: float
-    burst_efficiency: float = 1.0
-    """Throughput per core of a relay resized above its CPU, relative to at its CPU."""
+    burst_marginal: float = 1.0
+    """Throughput a unit of CPU above the relay's own adds, relative to a unit of its own
+    (0-1)."""
 
     @classmethod
     def fit(cls, *, capacity_pps: float, cpu_per_packet: float, cpu_limit: float,
@@ -125,8 +128,9 @@ class RelayModel:
     def equivalent_load(self, pps: float, factor: float) -> float:
         """The load a relay at its pool's CPU would see for ``pps`` on a relay resized to
         ``factor`` (loss, RTT and CPU percent of the new limit follow from it)."""
-        speedup = factor * (self.burst_efficiency if factor > 1 else 1.0)
-        return pps / speedup
+        if factor <= 1:
+            return pps / factor
+        return pps / (1 + (factor - 1) * min(1.0, max(0.0, self.burst_marginal)))
 
     def sessions_at(self, rho: float, pps: float = SESSION_RELAYED_PPS) -> float:
         return rho * self.capacity_pps / pps

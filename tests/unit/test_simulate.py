@@ -167,9 +167,12 @@ def test_a_resized_relay_serves_in_proportion_to_its_cpu() -> None:
     assert MODEL.equivalent_load(load, 1.0) == load
     assert MODEL.equivalent_load(load, 0.5) == 2 * load
     assert MODEL.loss(MODEL.equivalent_load(load, 1.5)) < 1e-6
-    slower = dataclasses.replace(MODEL, burst_efficiency=0.8)
-    assert slower.equivalent_load(load, 1.5) == pytest.approx(load / 1.2)
-    # below 1 the efficiency does not apply (a smaller cap keeps its share)
+    # each CPU unit above 1 adds 60 % of a unit's throughput: never slower than at 1
+    slower = dataclasses.replace(MODEL, burst_marginal=0.6)
+    assert slower.equivalent_load(load, 1.5) == pytest.approx(load / 1.3)
+    assert slower.equivalent_load(load, 1.25) == pytest.approx(load / 1.15)
+    assert dataclasses.replace(MODEL, burst_marginal=-1).equivalent_load(load, 1.5) == load
+    # below 1 it does not apply (a smaller cap keeps its share)
     assert slower.equivalent_load(load, 0.5) == 2 * load
 
 
