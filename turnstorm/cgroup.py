@@ -165,15 +165,21 @@ class CpuCgroup:
             raise CgroupError(f"cannot create {self.path}: {exc.strerror or exc}") from None
         self.created = True
         try:
-            if self.hierarchy.version == 2:
-                _write(os.path.join(self.path, "cpu.max"), f"{self.quota_us} {self.period_us}")
-            else:
-                _write(os.path.join(self.path, "cpu.cfs_period_us"), str(self.period_us))
-                _write(os.path.join(self.path, "cpu.cfs_quota_us"), str(self.quota_us))
+            self._write_limit(period=True)
         except CgroupError:
             self.remove()
             raise
         return self
+
+    def _write_limit(self, period: bool) -> None:
+        """Write ``cpus`` as the group's quota (and, with ``period``, its v1 period)."""
+        assert self.hierarchy is not None
+        if self.hierarchy.version == 2:
+            _write(os.path.join(self.path, "cpu.max"), f"{self.quota_us} {self.period_us}")
+            return
+        if period:
+            _write(os.path.join(self.path, "cpu.cfs_period_us"), str(self.period_us))
+        _write(os.path.join(self.path, "cpu.cfs_quota_us"), str(self.quota_us))
 
     def set_cpus(self, cpus: float) -> None:
         """Change the CPU limit of the live group, in place (its processes keep running)."""
@@ -184,10 +190,7 @@ class CpuCgroup:
         previous = self.cpus
         self.cpus = cpus
         try:
-            if self.hierarchy.version == 2:
-                _write(os.path.join(self.path, "cpu.max"), f"{self.quota_us} {self.period_us}")
-            else:
-                _write(os.path.join(self.path, "cpu.cfs_quota_us"), str(self.quota_us))
+            self._write_limit(period=False)
         except CgroupError:
             self.cpus = previous
             raise
