@@ -283,10 +283,19 @@ def samples_for(spec: TurnPoolSpec, views: list[PodView], replicas: int,
 
 
 def cpu_factor(spec: TurnPoolSpec, view: PodView) -> float:
-    """The relay's CPU as a factor of ``spec.resources.cpu`` (1 when unknown)."""
+    """The relay's CPU as a factor of ``spec.resources.cpu`` (1 when unknown), snapped to
+    the factor it was resized to: a resize is written in whole millicores, so 125 % of
+    250m reads back as 312m, which must still count as 125 %."""
     if view.cpu is None or spec.cpu_cores <= 0:
         return 1.0
-    return round(view.cpu / spec.cpu_cores, 6)
+    factor = view.cpu / spec.cpu_cores
+    vertical = spec.scaling.vertical
+    candidates = [1.0, vertical.min_factor, vertical.max_factor,
+                  round(factor / vertical.step) * vertical.step]
+    for candidate in candidates:
+        if millicores(spec.cpu_cores * candidate) == millicores(view.cpu):
+            return candidate
+    return round(factor, 6)
 
 
 def millicores(cores: float) -> str:
@@ -342,6 +351,10 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
             events.append(("Warning", "ResizeFailed", f"relay {name} CPU to {cpu}: "
                            f"{exc.status} {exc.reason}"))
             continue
+        except AttributeError:  # a kubernetes client older than the resize subresource
+            events.append(("Warning", "ResizeFailed", f"relay {name} CPU to {cpu}: this "
+                           "kubernetes client has no pods/resize call"))
+            continue
         events.append(("Normal", "Resize", f"relay {name} CPU {resized[name]:.0%} -> "
                        f"{factor:.0%} of {spec.cpu} ({_allocs(by_name[name])} allocations)"))
         resized[name] = factor
@@ -373,10 +386,10 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
     }
     if spec.scaling.pack_fill is not None or any(v.standby for v in views):
         status["standbyRelays"] = standby
-    if spec.scaling.vertical.enabled or any(f != 1.0 for f in resized.values()):
-        status["resizedRelays"] = [
-            {"name": n, "cpuPercent": round(100 * f)} for n, f in sorted(resized.items())
-            if f != 1.0 and n not in decision.remove]
+    # always written: the status is merged key by key, a stale list would stay
+    status["resizedRelays"] = [
+        {"name": n, "cpuPercent": round(100 * f)} for n, f in sorted(resized.items())
+        if f != 1.0 and n not in decision.remove]
     if new_replicas != replicas:
         status["lastScaleTime"] = iso(wall)
     probes = {s.name: s.signals.get("probe_rtt_ms") for s in samples

@@ -337,8 +337,9 @@ class LocalPool:
         member.cpu_factor = factor
 
     def apply(self, decision: Decision, now: float | None = None) -> dict[str, list[str]]:
-        """Carry out a :class:`~turnstorm.policy.Decision`: undrain, drain, remove, then
-        start the relays it still asks for."""
+        """Carry out a :class:`~turnstorm.policy.Decision`: undrain, drain, remove, start
+        the relays it still asks for, then resize (a relay that cannot be resized is
+        logged and keeps its CPU)."""
         now = self.clock() if now is None else now
         done: dict[str, list[str]] = {"undrained": [], "drained": [], "removed": [],
                                       "started": [], "resized": []}
@@ -352,12 +353,16 @@ class LocalPool:
             if name in self.relays:
                 self.remove(name)
                 done["removed"].append(name)
-        for name, factor in decision.resize.items():
-            if name in self.relays and self.relays[name].cgroup is not None:
-                self.resize(name, factor)
-                done["resized"].append(name)
         for _ in range(decision.scale_up):
             done["started"].append(self.start_relay().name)
+        for name, factor in decision.resize.items():
+            if name in self.relays and self.relays[name].cgroup is not None:
+                try:
+                    self.resize(name, factor)
+                except TurnstormError as exc:  # one relay's cgroup: the others carry on
+                    self._log(f"could not resize {name}: {exc}")
+                    continue
+                done["resized"].append(name)
         return done
 
     # -- teardown -------------------------------------------------------------------------

@@ -25,7 +25,8 @@ target, in multiples of ``step``. A relay in rotation over the target gets more 
 once (up to ``max_factor``): a resize takes effect in about a second where a new relay
 takes its start-up time, so the relays that take a storm's first calls are not left
 overloaded, with those calls stuck on them, while new relays start. It comes back to 1
-when its allocations, plus the tolerance, fit under the target again. A draining relay's
+when its allocations, plus the tolerance (at least 5 % and one allocation), fit under the
+target again. A draining relay's
 CPU shrinks with its remaining calls (down to ``min_factor``), since it takes no new ones.
 
 Scale-down never removes a relay with live allocations: the relays with the fewest
@@ -286,30 +287,42 @@ class Autoscaler:
 
     def _resize(self, relays: list[RelaySample], undrain: set[str], drain: set[str],
                 remove: set[str]) -> dict[str, float]:
-        """New CPU factors (see the module docstring); missing data changes nothing."""
+        """New CPU factors (see the module docstring). Missing data changes nothing,
+        except that a relay in rotation below 1 comes back to 1 whatever its data, and
+        with vertical resizing off every resized relay comes back to 1."""
         vertical = self.policy.vertical
         target = self.policy.targets.get("allocationsPerRelay")
-        if not vertical.enabled or not target or target <= 0:
-            return {}
+        enabled = vertical.enabled and target is not None and target > 0
         step = vertical.step
+        # at least one allocation's or 5 %'s worth of hysteresis, whatever the tolerance
+        hysteresis = max(self.policy.tolerance, 0.05, 1 / target if enabled and target else 0)
         out: dict[str, float] = {}
         for relay in relays:
-            allocations = relay.allocations
-            if (not relay.ready or relay.name in remove or allocations is None
-                    or not math.isfinite(allocations)):
+            if not relay.ready or relay.name in remove:
                 continue
+            current = relay.cpu_factor
             in_rotation = (not relay.draining or relay.name in undrain) and (
                 relay.name not in drain)
+            allocations = relay.allocations
+            if not enabled or allocations is None or not math.isfinite(allocations):
+                if current != 1.0 and (not enabled or (in_rotation and current < 1.0)):
+                    out[relay.name] = 1.0
+                continue
+            assert target is not None
             floor = 1.0 if in_rotation else vertical.min_factor
+
+            def size(need: float, floor: float = floor) -> float:
+                # a multiple of the step, but down to the floor when the need is under it
+                return min(vertical.max_factor,
+                           floor if need <= floor else _steps(need, step))
+
             need = allocations / target
-            current = relay.cpu_factor
-            up = min(vertical.max_factor, max(floor, _steps(need, step)))
+            up = size(need)
             if up > current:
                 out[relay.name] = up
                 continue
-            # Down only once the allocations fit, with the tolerance, under a lower step.
-            down = min(vertical.max_factor,
-                       max(floor, _steps(need * (1 + self.policy.tolerance), step)))
+            # Down only once the allocations fit, with the hysteresis, under a lower step.
+            down = size(need * (1 + hysteresis))
             if down < current:
                 out[relay.name] = down
         return out

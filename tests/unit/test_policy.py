@@ -412,6 +412,41 @@ def test_a_relay_drained_or_removed_by_the_same_decision() -> None:
     assert decision.remove == ["b"] and decision.resize == {}
 
 
+def test_resized_relays_come_back_to_1_when_vertical_is_off_or_data_is_missing() -> None:
+    # vertical turned off: every resized relay back to 1, whatever its data
+    scaler = Autoscaler(policy(), 1, 10, HPA)
+    decision = scaler.evaluate(0.0, [sample("a", 400, factor=1.5), sample("b", None, factor=0.5),
+                                     sample("c", 50)])
+    assert decision.resize == {"a": 1.0, "b": 1.0}
+    # undrained while its allocations are unknown: back in rotation at 1, not at 25 %
+    scaling = dataclasses.replace(policy(), vertical=VERTICAL)
+    scaler = Autoscaler(scaling, 1, 10, HPA)
+    shrunk = [sample("a", 100), sample("b", None, factor=0.25, draining=True)]
+    relay_b = shrunk[1]
+    assert scaler.evaluate(0.0, shrunk).resize == {}  # draining, no data: left alone
+    relay_b.draining = False
+    assert scaler.evaluate(1.0, shrunk).resize == {"b": 1.0}
+
+
+@pytest.mark.parametrize(("allocations", "expect"), [(101, 1.25), (100, None), (99, None),
+                                                      (95, 1.0)])
+def test_resizing_keeps_a_hysteresis_with_a_zero_tolerance(allocations: float,
+                                                           expect: float | None) -> None:
+    scaling = dataclasses.replace(policy(tolerance=0.0), vertical=VERTICAL)
+    decision = Autoscaler(scaling, 1, 10, HPA).evaluate(
+        0.0, [sample("a", allocations, factor=1.25 if allocations < 101 else 1.0),
+              sample("b", 0)])
+    assert decision.resize.get("a") == expect
+
+
+def test_a_minimum_under_the_step_is_reached() -> None:
+    fine = VerticalScaling(enabled=True, max_factor=1.5, min_factor=0.05, step=0.25)
+    scaling = dataclasses.replace(policy(), vertical=fine)
+    decision = Autoscaler(scaling, 1, 10, HPA).evaluate(
+        0.0, [sample("a", 4, draining=True), sample("b", 20, draining=True), sample("c", 0)])
+    assert decision.resize == {"a": 0.05, "b": 0.25}
+
+
 def test_vertical_options_come_from_the_turnpool() -> None:
     doc = {"apiVersion": "turnstorm.io/v1alpha1", "kind": "TurnPool",
            "metadata": {"name": "p"},
