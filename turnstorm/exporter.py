@@ -712,6 +712,9 @@ class SignalTracker:
         "relayed_pps": "relayed_packets_total",
         "udp_in_pps": "udp_in_datagrams_total",
         "socket_drops": "socket_drops_total",
+        # Not exported by RelayCollector (coturn's CLI has no Binding counter); a series
+        # of that name from Prometheus feeds bindingRatePerRelay.
+        "binding_rate": "binding_requests_total",
     }
 
     def __init__(self, cpu_limit_cores: float | None = None,

@@ -336,6 +336,10 @@ def test_tracker_turns_counters_into_rates() -> None:
     assert second["udp_rcvbuf_errors"] == pytest.approx(30.0)
     assert second["relayed_pps"] == pytest.approx(60.0)
     assert second["cpu_percent"] == pytest.approx(20.0)  # 0.1 core of a 0.5 core limit
+    assert first["binding_rate"] is None and second["binding_rate"] is None  # no series
+    third = tracker.update("r1", 112.0, dict(later, binding_requests_total=100.0))
+    fourth = tracker.update("r1", 114.0, dict(later, binding_requests_total=900.0))
+    assert third["binding_rate"] is None and fourth["binding_rate"] == pytest.approx(400.0)
 
 
 def test_tracker_counter_reset_and_down_relay_are_missing() -> None:
