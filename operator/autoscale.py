@@ -71,6 +71,9 @@ class PodView:
     standby: bool = False
     cpu: float | None = None
     """The relay container's CPU limit (cores), as the pod spec has it now."""
+    cpu_applied: float | None = None
+    """The same limit as the kubelet reports it applied (``status.containerStatuses``);
+    None when not reported."""
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -95,12 +98,8 @@ def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
         annotations = meta.get("annotations") or {}
         conditions = status.get("conditions") or []
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-        cpu: float | None = None
-        for container in (pod.get("spec") or {}).get("containers") or []:
-            limit = ((container.get("resources") or {}).get("limits") or {}).get("cpu")
-            if container.get("name") == RELAY_CONTAINER and limit is not None:
-                with contextlib.suppress(SpecError):
-                    cpu = parse_quantity_cpu(str(limit))
+        cpu = _relay_cpu((pod.get("spec") or {}).get("containers"))
+        applied = _relay_cpu(status.get("containerStatuses"))
         views.append(PodView(
             name=meta["name"], ip=status.get("podIP"), ready=ready,
             draining=labels.get(ROTATION_LABEL) == ROTATION_DRAINING,
@@ -109,9 +108,20 @@ def pod_views(pods: list[dict[str, Any]]) -> list[PodView]:
             removed_at=_parse_time(annotations.get(REMOVED_AT)),
             created=_parse_time(meta.get("creationTimestamp")),
             standby=labels.get(ROTATION_LABEL) == ROTATION_STANDBY,
-            cpu=cpu,
+            cpu=cpu, cpu_applied=applied,
         ))
     return sorted(views, key=lambda v: v.name)
+
+
+def _relay_cpu(containers: list[dict[str, Any]] | None) -> float | None:
+    """The relay container's CPU limit in cores from pod spec containers or container
+    statuses (both carry ``name`` and ``resources``), or None."""
+    for container in containers or []:
+        limit = ((container.get("resources") or {}).get("limits") or {}).get("cpu")
+        if container.get("name") == RELAY_CONTAINER and limit is not None:
+            with contextlib.suppress(SpecError):
+                return parse_quantity_cpu(str(limit))
+    return None
 
 
 def back_in_rotation(kube: Kube, namespace: str, name: str) -> None:
@@ -341,6 +351,10 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
 
     standby = _place(kube, spec, views, by_name, decision)
     resized = {v.name: cpu_factor(spec, v) for v in live}
+    # the kubelet reports the CPU the spec asks for as applied (not yet after a resize,
+    # or never when the node cannot grant it: PodResizePending)
+    applied = {v.name for v in live if v.cpu is not None and v.cpu_applied is not None
+               and millicores(v.cpu) == millicores(v.cpu_applied)}
     for name, factor in decision.resize.items():
         if name.startswith("(pending") or name not in resized:
             continue
@@ -358,6 +372,7 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         events.append(("Normal", "Resize", f"relay {name} CPU {resized[name]:.0%} -> "
                        f"{factor:.0%} of {spec.cpu} ({_allocs(by_name[name])} allocations)"))
         resized[name] = factor
+        applied.discard(name)
 
     draining = [s for s in samples if s.draining and s.name not in decision.undrain
                 and s.name not in decision.remove]
@@ -388,8 +403,8 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         status["standbyRelays"] = standby
     # always written: the status is merged key by key, a stale list would stay
     status["resizedRelays"] = [
-        {"name": n, "cpuPercent": round(100 * f)} for n, f in sorted(resized.items())
-        if f != 1.0 and n not in decision.remove]
+        {"name": n, "cpuPercent": round(100 * f), "applied": n in applied}
+        for n, f in sorted(resized.items()) if f != 1.0 and n not in decision.remove]
     if new_replicas != replicas:
         status["lastScaleTime"] = iso(wall)
     probes = {s.name: s.signals.get("probe_rtt_ms") for s in samples

@@ -345,9 +345,20 @@ def test_vertical_resizes_an_overloaded_relay_in_place_and_back(
             wait_for(lambda: cpu(pods[0]) == ("312m", "312m"), timeout=30,
                      what=lambda: f"{pods[0]} resized to 125 %: {cpu(pods[0])}")
             assert cpu(pods[1]) == ("250m", "250m")
+            # no kubelet here: not reported applied until a container status says so
             wait_for(lambda: status().get("resizedRelays") == [
-                {"name": pods[0], "cpuPercent": 125}], timeout=10,
+                {"name": pods[0], "cpuPercent": 125, "applied": False}], timeout=10,
                 what=lambda: f"status resizedRelays: {status()}")
+            applied = {"status": {"containerStatuses": [{
+                "name": "coturn", "image": "coturn", "imageID": "", "ready": True,
+                "restartCount": 0, "state": {"running": {}},
+                "resources": {"requests": {"cpu": "312m"}, "limits": {"cpu": "312m"}}}]}}
+            control_plane.kubectl("patch", "pod", pods[0], "-n", namespace,
+                                  "--subresource=status", "--type=merge", "-p",
+                                  json.dumps(applied))
+            wait_for(lambda: status().get("resizedRelays") == [
+                {"name": pods[0], "cpuPercent": 125, "applied": True}], timeout=10,
+                what=lambda: f"status resizedRelays applied: {status()}")
             time.sleep(3)  # three more evaluations: the relay is not resized again
             assert resize_events().count("100% -> 125%") == 1, resize_events()
             found = get(control_plane, "deployment", "vert", namespace)
