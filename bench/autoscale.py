@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{SimConfig().initial}..{max_relays})")
     for s in setups(slo_calls, max_relays):
         print(f"  {s.name:<11} {s.description}")
-    worst_violation = worst_replica = 0.0
+    worst_violation = worst_replica = worst_pods = 0.0
     our_cut = 0
     baselines_cut = True
     for trace, results in replay(model, args.seed, max_relays):
@@ -714,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             if r.policy == "ours":
                 worst_violation = max(worst_violation, vr)
                 worst_replica = max(worst_replica, rr)
+                worst_pods = max(worst_pods, ratio(r.pod_seconds, best.pod_seconds))
                 our_cut += r.allocations_cut
             else:
                 baselines_cut = baselines_cut and r.allocations_cut > 0
@@ -740,12 +741,13 @@ def main(argv: list[str] | None = None) -> int:
           + (f"LEFT OVER: {', '.join(left)}" if left else "none left"))
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s; figure = worst ratio of ours to the best baseline over "
-          "the traces")
+          "the traces (replica-seconds CPU-weighted; pods whatever their CPU beside)")
     ok = (our_cut == 0 and baselines_cut and live_ok and not left
           and worst_violation <= GOAL_VIOLATION_RATIO and worst_replica <= GOAL_REPLICA_RATIO)
     print(f"autoscale: SLO-violation x{worst_violation:.2f}, replica-seconds "
-          f"x{worst_replica:.2f}, {our_cut} cut (goal <= x{GOAL_VIOLATION_RATIO:g} at <= "
-          f"x{GOAL_REPLICA_RATIO:g}, 0 cut, baselines cut) {'ok' if ok else 'short'}")
+          f"x{worst_replica:.2f} (pods x{worst_pods:.2f}), {our_cut} cut (goal <= "
+          f"x{GOAL_VIOLATION_RATIO:g} at <= x{GOAL_REPLICA_RATIO:g}, 0 cut, baselines cut) "
+          f"{'ok' if ok else 'short'}")
     return 0
 
 
