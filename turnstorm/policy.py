@@ -21,13 +21,13 @@ drops UDP datagrams.
 
 Vertical resizing (``spec.scaling.vertical``): a relay's CPU, as a factor of
 ``spec.resources.cpu``, follows its allocations against the ``allocationsPerRelay``
-target, in multiples of ``step``. A relay in rotation over the target gets more CPU at
-once (up to ``max_factor``): a resize takes effect in about a second where a new relay
-takes its start-up time, so the relays that take a storm's first calls are not left
-overloaded, with those calls stuck on them, while new relays start. It comes back to 1
-when its allocations, plus the tolerance (at least 5 % and one allocation), fit under the
-target again. A draining relay's
-CPU shrinks with its remaining calls (down to ``min_factor``), since it takes no new ones.
+target, in multiples of ``step``. A relay over the target gets more CPU at once (up to
+``max_factor``): a resize takes effect in about a second where a new relay takes its
+start-up time, so the relays that take a storm's first calls are not left overloaded,
+with those calls stuck on them, while new relays start. A relay in rotation comes back to
+1 when its allocations, plus the tolerance (at least 5 % and one allocation), fit under
+the target again. A draining relay's CPU shrinks with its remaining calls (down to
+``min_factor``), since it takes no new ones.
 
 Scale-down never removes a relay with live allocations: the relays with the fewest
 allocations are *drained* (taken out of rotation) and removed only when their
