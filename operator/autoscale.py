@@ -340,8 +340,11 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
     for name in decision.undrain:
         back_in_rotation(kube, spec.namespace, name)
         events.append(("Normal", "Undrain", f"relay {name} back in rotation"))
+    past_deadline: list[str] = []
     for name in decision.remove:
         sample = by_name[name]
+        if sample.allocations != 0:
+            past_deadline.append(name)
         why = ("no allocations left" if sample.allocations == 0
                else f"drain deadline passed with {_allocs(sample)} allocations")
         kube.patch_pod_metadata(spec.namespace, name, {},
@@ -385,6 +388,9 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         verb = "ScaleUp" if decision.desired > decision.active else "ScaleDown"
         events.append(("Normal", verb, f"relays {replicas} -> {new_replicas}: "
                                        f"{decision.reason}"))
+    for name in past_deadline:
+        # Its drain is over: deleted now, without the preStop drain wait a second time.
+        kube.delete_pod(spec.namespace, name, grace_seconds=0)
     ratios = {k: round(v, 3) for k, v in decision.ratios.items()}
     top = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
     status: dict[str, Any] = {

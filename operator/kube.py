@@ -138,9 +138,10 @@ class Kube:
             "requests": {"cpu": cpu}, "limits": {"cpu": cpu}}}]}}
         self.core.patch_namespaced_pod_resize(name, namespace, body)
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            self.core.delete_namespaced_pod(name, namespace,
+                                            grace_period_seconds=grace_seconds)
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -151,6 +151,30 @@ EXPORTER_UID = 65533
 namespace does not let it read the relay's environment or file descriptors."""
 
 
+DRAIN_GRACE_SECONDS = 30
+"""Time the relay gets after its drain wait (SIGTERM to exit)."""
+
+
+def drain_wait_script(min_port: int, max_port: int, deadline: int) -> str:
+    """A POSIX shell + awk loop (the relay image's own tools) that waits until no UDP
+    socket is bound in the relay port range, i.e. no allocation is left, or ``deadline``
+    seconds pass. Run as the relay container's ``preStop`` hook: a relay pod deleted
+    for any reason (a rollout, a node drain, the ReplicaSet picking it) has already left
+    its Services and DNS, so its calls end by themselves before the relay stops. Without
+    ``/proc/net/udp`` or ``awk`` it does not wait."""
+    program = ('function h(s, i, v) { v = 0; for (i = 1; i <= length(s); i++) '
+               'v = v * 16 + index("0123456789ABCDEF", toupper(substr(s, i, 1))) - 1; '
+               'return v } { n = split($2, a, ":"); if (n == 2) { p = h(a[2]); '
+               'if (p >= lo && p <= hi) c++ } } END { print c + 0 }')
+    count = f"awk -v lo={min_port} -v hi={max_port} '{program}'"
+    return (f"end=$(( $(date +%s) + {deadline} )); "
+            "while :; do "
+            f"n=$(cat /proc/net/udp /proc/net/udp6 2>/dev/null | {count}); "
+            '[ "${n:-0}" -gt 0 ] 2>/dev/null || exit 0; '
+            '[ "$(date +%s)" -lt "$end" ] || exit 0; '
+            "sleep 2; done")
+
+
 def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manifest:
     conf = turnserver_conf(spec)
     conf_hash = hashlib.sha256(conf.encode()).hexdigest()[:16]
@@ -175,6 +199,10 @@ def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manife
             "limits": {"cpu": spec.cpu, "memory": spec.memory},
         },
         "readinessProbe": _readiness(spec),
+        # deleted for any reason, the relay waits for its allocations to end first
+        "lifecycle": {"preStop": {"exec": {"command": [
+            "/bin/sh", "-c", drain_wait_script(spec.relay_port_min, spec.relay_port_max,
+                                               spec.scaling.drain_deadline_seconds)]}}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"],
                                              "add": ["NET_BIND_SERVICE"]}},
@@ -203,7 +231,8 @@ def deployment(spec: TurnPoolSpec, replicas: int, exporter_image: str) -> Manife
         "shareProcessNamespace": True,
         "volumes": [{"name": "config", "configMap": {"name": f"{spec.name}-config"}},
                     {"name": "var", "emptyDir": {}}],
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": (spec.scaling.drain_deadline_seconds
+                                          + DRAIN_GRACE_SECONDS),
         "securityContext": {"runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534},
     }
     if host_network:
