@@ -353,7 +353,7 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
                        f"relay {name} removed: {why}"))
 
     standby = _place(kube, spec, views, by_name, decision)
-    resized = {v.name: cpu_factor(spec, v) for v in live}
+    resized = {v.name: by_name[v.name].cpu_factor for v in live if v.name in by_name}
     # the kubelet reports the CPU the spec asks for as applied (not yet after a resize,
     # or never when the node cannot grant it: PodResizePending)
     applied = {v.name for v in live if v.cpu is not None and v.cpu_applied is not None

@@ -362,22 +362,23 @@ def parse_stat_cpu_seconds(text: str, ticks: int) -> float:
     return (utime + stime) / ticks
 
 
+def _command_name(pid: int | str, proc: str = "/proc") -> str | None:
+    """``/proc/<pid>/comm`` (world-readable), or None when the process is gone."""
+    try:
+        with open(os.path.join(proc, str(pid), "comm"), encoding="utf-8",
+                  errors="replace") as handle:
+            return handle.read().rstrip("\n")
+    except OSError:
+        return None
+
+
 def find_process(name: str, proc: str = "/proc") -> list[int]:
     """Process ids whose command name (``/proc/<pid>/comm``, world-readable) is ``name``,
     this process excluded."""
-    found = []
     me = os.getpid()
-    for entry in os.listdir(proc):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(os.path.join(proc, entry, "comm"), encoding="utf-8",
-                      errors="replace") as handle:
-                if handle.read().rstrip("\n") == name:
-                    found.append(int(entry))
-        except OSError:  # gone meanwhile
-            continue
-    return sorted(found)
+    return sorted(int(entry) for entry in os.listdir(proc)
+                  if entry.isdigit() and int(entry) != me
+                  and _command_name(entry, proc) == name)
 
 
 class ProcessFinder:
@@ -392,13 +393,8 @@ class ProcessFinder:
 
     def resolve(self) -> int:
         if self.pid is not None:
-            try:
-                with open(os.path.join(self.proc, str(self.pid), "comm"), encoding="utf-8",
-                          errors="replace") as handle:
-                    if handle.read().rstrip("\n") == self.name:
-                        return self.pid
-            except OSError:
-                pass
+            if _command_name(self.pid, self.proc) == self.name:
+                return self.pid
             self.pid = None
         pids = find_process(self.name, self.proc)
         if not pids:

@@ -417,11 +417,12 @@ def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
         p99 = pool_p99(parts)
         loss = lost / packets if packets else 0.0
         violating = p99 > cfg.slo_rtt_ms or loss > cfg.slo_loss
-        replica_seconds += sum(r.cpu_factor for r in relays.values())
+        cpu = sum(r.cpu_factor for r in relays.values())
+        replica_seconds += cpu
         pod_seconds += len(relays)
         seconds.append(Second(now, len(relays), len(rotation(now)),
                               sum(len(r.sessions) for r in relays.values()), p99, loss,
-                              violating, sum(r.cpu_factor for r in relays.values())))
+                              violating, cpu))
         # 6. the policy
         if now % setup.interval == 0:
             samples = [_sample(r, now, model, setup, cfg) for r in relays.values()]

@@ -14,6 +14,7 @@ from turnstorm.actuator import LocalPool, PoolError
 from turnstorm.cgroup import CgroupError, detect
 from turnstorm.client import TurnClient
 from turnstorm.errors import StunErrorResponse
+from turnstorm.exporter import find_process
 from turnstorm.policy import Decision
 from turnstorm.proto.credentials import Credentials
 
@@ -21,16 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def turnserver_pids() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm", encoding="ascii") as handle:
-                    if handle.read().strip() == "turnserver":
-                        pids.add(int(entry))
-            except OSError:
-                continue
-    return pids
+    return set(find_process("turnserver"))
 
 
 def listening(host: str, port: int) -> bool:
