@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from turnstorm import __version__
 from turnstorm.coturnconf import DEFAULT_DENIED_PEERS, RelayConfig, render
 from turnstorm.spec import API_VERSION, TurnPoolSpec
 
@@ -36,7 +37,10 @@ RELAY_CONTAINER = "coturn"
 """The relay container's name in every relay pod."""
 CONFIG_HASH = "turnstorm.io/config-hash"
 CLI_PORT = 5766
-DEFAULT_EXPORTER_IMAGE = "ghcr.io/turnstorm/turnstorm:0.1.0"
+IMAGE_REPOSITORY = "localhost/turnstorm"
+"""The image `make image` builds (scripts/build-images.sh); push it to your registry and
+set the chart's ``image.repository`` (README, "Images")."""
+DEFAULT_EXPORTER_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"
 
 
 def labels(spec: TurnPoolSpec) -> dict[str, str]:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything turnstorm needs on a Debian-like machine, idempotently.
 #   scripts/bootstrap.sh run    what `make run` needs: venv + runtime deps + coturn
-#   scripts/bootstrap.sh test   what `make test` needs: + dev deps + test services' binaries
+#   scripts/bootstrap.sh test   what `make test` needs: + dev deps + test services' binaries,
+#                               the node tier's binaries and images
+#   scripts/bootstrap.sh image  what `make image` needs: an image builder and mmdebstrap
 # Missing system packages are installed with apt-get when running as root; otherwise the
 # exact command to run is printed (tests then skip what they cannot run, except in CI).
 set -euo pipefail
@@ -22,8 +24,16 @@ command -v "$PYTHON" >/dev/null || die "python3 not found; install Python 3.11 o
 # gcc + python3-dev build the native media engine (turnstorm/_mediapump.c) at install;
 # without them the load generator falls back to its pure-Python media pump.
 APT_RUN=(coturn gcc python3-dev)
-APT_TEST=(coturn gcc python3-dev prometheus iproute2 nftables openssl chromium)
-if [ "$MODE" = test ]; then packages=("${APT_TEST[@]}"); else packages=("${APT_RUN[@]}"); fi
+# the node tier: Debian's runc, CNI plugins and nft/iptables beside the Go-built parts;
+# buildah + mmdebstrap build the images without a registry or a daemon
+APT_IMAGE=(buildah mmdebstrap skopeo)
+APT_NODE=(runc containernetworking-plugins iptables conntrack "${APT_IMAGE[@]}")
+APT_TEST=(coturn gcc python3-dev prometheus iproute2 nftables openssl chromium "${APT_NODE[@]}")
+case "$MODE" in
+  test) packages=("${APT_TEST[@]}") ;;
+  image) packages=("${APT_IMAGE[@]}") ;;
+  *) packages=("${APT_RUN[@]}") ;;
+esac
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -46,6 +56,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+[ "$MODE" = image ] && { say "ready (image)"; exit 0; }
+
 # --- virtualenv ---------------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
@@ -65,10 +77,15 @@ if [ "$MODE" = test ]; then
   if command -v go >/dev/null; then
     say "control plane: $(scripts/build-control-plane.sh --print-dir)"
     scripts/build-control-plane.sh >/dev/null
+    # the node tier: kubelet, kube-proxy, scheduler, controller-manager, containerd
+    say "node: $(scripts/build-node.sh --print-dir) (cold: about 15 minutes)"
+    scripts/build-node.sh >/dev/null
+    say "images: $(scripts/build-images.sh --print-dir)"
+    scripts/build-images.sh >/dev/null
   elif [ "${CI:-}" = true ]; then
-    die "CI needs Go to build the test control plane (kube-apiserver, etcd, kubectl)"
+    die "CI needs Go to build the test control plane and node (kube-apiserver, etcd, kubectl, kubelet, containerd)"
   else
-    say "Go not found: the k8s test tier will be skipped (install Go 1.26+ to run it)"
+    say "Go not found: the k8s and node test tiers will be skipped (install Go 1.26+ to run them)"
   fi
 fi
 

@@ -2,7 +2,7 @@
 # Build (once, then cache) the node tier's binaries from Go modules:
 #   tools/k8s/go.mod         kubelet, kube-proxy, kube-controller-manager, kube-scheduler
 #   tools/containerd/go.mod  containerd, containerd-shim-runc-v2, ctr (containerd 2.x)
-#   tools/pause/             the sandbox image's pause binary
+# (The sandbox image's pause binary is scripts/build-images.sh's.)
 # runc, the CNI plugins, nft and iptables come from Debian packages (the bootstrap
 # installs them). The control plane (kube-apiserver, etcd, kubectl) is
 # scripts/build-control-plane.sh's.
@@ -13,7 +13,7 @@
 #   scripts/build-node.sh --force      # rebuild even if cached
 #
 # stdout is exactly one line, the bin directory:
-#   ${XDG_CACHE_HOME:-$HOME/.cache}/turnstorm/node/<k8s>-containerd<ver>-<pause hash>/bin
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/turnstorm/node/<k8s>-containerd<ver>/bin
 # A cold build takes about 15 minutes on 2 cores (the kubelet's dependency graph is
 # the largest); later builds reuse the Go build cache.
 set -euo pipefail
@@ -21,7 +21,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 K8S_MODDIR="$ROOT/tools/k8s"
 CTRD_MODDIR="$ROOT/tools/containerd"
-PAUSE_DIR="$ROOT/tools/pause"
 
 modversion() { # <go.mod> <module path>
     awk -v m="$2" '
@@ -35,10 +34,9 @@ if [[ -z "$K8S_VERSION" || -z "$CTRD_VERSION" ]]; then
     echo "build-node: cannot read versions from tools/{k8s,containerd}/go.mod" >&2
     exit 1
 fi
-PAUSE_HASH="$(cat "$PAUSE_DIR/go.mod" "$PAUSE_DIR/main.go" | sha256sum | cut -c1-12)"
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/turnstorm/node"
-OUT_DIR="$CACHE_ROOT/${K8S_VERSION#v}-containerd${CTRD_VERSION#v}-pause$PAUSE_HASH"
+OUT_DIR="$CACHE_ROOT/${K8S_VERSION#v}-containerd${CTRD_VERSION#v}"
 BIN_DIR="$OUT_DIR/bin"
 
 force=0
@@ -68,8 +66,7 @@ ctrd_ok() {
     reports "$BIN_DIR/containerd" "$CTRD_VERSION" && [[ -x "$BIN_DIR/containerd-shim-runc-v2" ]] \
         && [[ -x "$BIN_DIR/ctr" ]]
 }
-pause_ok() { [[ -x "$BIN_DIR/pause" ]]; }
-all_ok() { k8s_ok && ctrd_ok && pause_ok; }
+all_ok() { k8s_ok && ctrd_ok; }
 
 if [[ $force -eq 0 ]] && all_ok; then
     log "cached: node $K8S_VERSION, containerd $CTRD_VERSION"
@@ -111,9 +108,6 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     stamps+=" -X $p.gitTreeState=clean"
 done
 
-if [[ $force -eq 1 ]] || ! pause_ok; then
-    build "$PAUSE_DIR" . pause ""
-fi
 if [[ $force -eq 1 ]] || ! k8s_ok; then
     for b in "${K8S_BINS[@]}"; do
         if [[ $force -eq 1 ]] || ! reports "$BIN_DIR/$b" "Kubernetes $K8S_VERSION"; then
