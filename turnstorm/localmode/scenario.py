@@ -32,6 +32,7 @@ from turnstorm.loadgen.config import ConfigError, SessionLength
 from turnstorm.spec import (
     SpecError,
     TurnPoolSpec,
+    field_path,
     load_documents,
     shown,
     turnpool_from_checked,
@@ -140,7 +141,8 @@ def _load_plan(checked: dict[str, Any], pool_name: str) -> LoadPlan:
         raise SpecError("spec.mix: binding + turnSession must be more than 0")
     params: dict[str, float] = {}
     for key, value in (spec["shape"].get("params") or {}).items():
-        params[key.replace("-", "_")] = _number(str(value), f"spec.shape.params.{key}", -1)
+        params[key.replace("-", "_")] = _number(str(value),
+                                                field_path("spec.shape.params", key), -1)
     shape = spec["shape"]["name"]
     user_param = SHAPE_USER_PARAM.get(shape)
     if user_param is not None:
