@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
 
     def stop(signum: int, frame: object) -> None:
+        # once: a parent's death may signal again (see turnstorm.lifeline.die_with_parent)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

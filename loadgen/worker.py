@@ -20,7 +20,7 @@ import importlib
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -41,10 +41,21 @@ def load_class(spec: str) -> type[Any]:
     return cls
 
 
-def _quit_when_gone(parent: ParentWatch, runner: Any) -> None:
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done: list[bool] = []
+
+    def run() -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return run
+
+
+def _quit_when_gone(parent: ParentWatch, quit_runner: Callable[[], None]) -> None:
     while not parent.gone:
         gevent.sleep(1.0)
-    runner.quit()
+    quit_runner()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,10 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           handle)
 
     environment.events.test_stop.add_listener(final_report)  # type: ignore[no-untyped-call]
-    # SIGTERM (the master's end, or its death) or a new parent: stop the users (their
-    # calls release) instead of waiting a minute for the master's heartbeat
-    gevent.signal_handler(signal.SIGTERM, runner.quit)
-    gevent.spawn(_quit_when_gone, parent, runner)
+    # SIGTERM (the master's end, or its death: maybe more than once) or a new parent:
+    # stop the users (their calls release) instead of waiting a minute for the master's
+    # heartbeat
+    quit_once = _once(runner.quit)
+    gevent.signal_handler(signal.SIGTERM, quit_once)
+    gevent.spawn(_quit_when_gone, parent, quit_once)
     try:
         runner.greenlet.join()
     finally:

@@ -59,7 +59,9 @@ class ParentWatch:
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """Ask the kernel for ``signum`` when the parent dies, however it dies (best effort:
-    Linux only)."""
+    Linux only). The signal may come more than once: the kernel sends it each time this
+    process is handed to a new parent, and a parent with threads, dying, hands it from
+    one thread to the next before the adopter gets it; a handler must take repeats."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signum)

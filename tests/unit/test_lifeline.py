@@ -124,3 +124,18 @@ def test_a_line_cut_short_by_the_parents_death_is_left_out() -> None:
     lines = ['["track", "dir", "/tmp/a"]\n', '["track", "cgroup", "/sys/fs/cgroup/b"]\n',
              '["untrack", "/tmp/a"]\n', '["track", "dir", "/tm']
     assert read_tracked(lines) == {"/sys/fs/cgroup/b": "cgroup"}
+
+
+def test_the_echo_peer_takes_the_signal_repeated() -> None:
+    """A dying parent with threads signals its child once per thread it hands it over
+    from: the echo peer stops on the first SIGTERM and ignores the rest."""
+    for _ in range(5):
+        echo = subprocess.Popen([sys.executable, "-m", "turnstorm.loadgen.echo"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert echo.stdout is not None
+        assert echo.stdout.readline().startswith("echo listening on ")
+        for _ in range(3):
+            echo.send_signal(signal.SIGTERM)
+        out, err = echo.communicate(timeout=10)
+        assert (echo.returncode, err) == (0, "")
+        assert out.startswith("echoed 0 datagrams")
