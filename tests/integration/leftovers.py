@@ -15,6 +15,7 @@ from tests.integration.test_localmode import marked_processes
 
 LEFT_WITHIN = 10.0
 TRACEBACK_SIGNS = ("Traceback", "Error:", "Exception ignored")
+TCP_LISTEN = "0A"
 WORKDIR = re.compile(r"/[^\0=]*?/turnstorm-(?:run|relay)-[A-Za-z0-9_]+")
 """The run's and the relays' directories, on their processes' command lines."""
 
@@ -51,6 +52,9 @@ class Footprint:
     pids: set[int]
     relays: set[int]
     cgroups: set[str]
+    pools: set[str]
+    """The prefixes (``<parent>/pool-<random>-<phase>-relay-``) of the relays' cgroups: a
+    relay starting is not in its group yet."""
     ports: set[tuple[str, str]]
     """(``/proc/net`` table, local ADDR:PORT in the kernel's hex)."""
     directories: set[str]
@@ -62,6 +66,13 @@ def _read(path: str) -> str:
             return handle.read()
     except OSError:
         return ""
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _socket_inodes(pids: set[int]) -> set[int]:
@@ -82,14 +93,16 @@ def _socket_inodes(pids: set[int]) -> set[int]:
 
 
 def bound_ports(inodes: set[int] | None = None) -> set[tuple[str, str]]:
-    """Local addresses of the sockets with ``inodes`` (when None: of every socket a
-    process holds; a TCP connection in TIME_WAIT, inode 0, is the kernel's alone)."""
+    """Local addresses of the UDP sockets and listening TCP sockets with ``inodes``
+    (when None: that a process holds; TIME_WAIT, inode 0, is the kernel's alone)."""
     found = set()
     for table in ("udp", "tcp", "udp6", "tcp6"):
         for line in _read(f"/proc/net/{table}").splitlines()[1:]:
             cols = line.split()
-            if len(cols) > 9 and int(cols[9]) != 0 and (inodes is None
-                                                        or int(cols[9]) in inodes):
+            if len(cols) <= 9 or int(cols[9]) == 0 or (table.startswith("tcp")
+                                                        and cols[3] != TCP_LISTEN):
+                continue
+            if inodes is None or int(cols[9]) in inodes:
                 found.add((table, cols[1]))
     return found
 
@@ -105,13 +118,23 @@ def cpu_cgroup(pid: int) -> str | None:
     return None
 
 
+def pool_cgroups(pool: str) -> set[str]:
+    """The relay cgroups of ``pool`` (``<parent>/<its prefix>``) that exist."""
+    parent, prefix = os.path.split(pool)
+    return {os.path.join(parent, name) for name in _listdir(parent) if name.startswith(prefix)}
+
+
 def footprint(mark: str) -> Footprint:
     pids = set(marked_processes(mark))
     relays = {pid for pid in pids if _read(f"/proc/{pid}/comm").strip() == "turnserver"}
-    cgroups = {c for c in map(cpu_cgroup, relays) if c is not None and "/turnstorm/" in c}
+    groups = {c for c in map(cpu_cgroup, relays) if c is not None and "/turnstorm/" in c}
+    # a pool's groups share a prefix: pool-<random>-<phase>-relay-<n>
+    pools = {group.rsplit("-relay-", 1)[0] + "-relay-" for group in groups}
+    cgroups = set().union(*map(pool_cgroups, pools))
     directories = {found for pid in pids
                    for found in WORKDIR.findall(_read(f"/proc/{pid}/cmdline"))}
-    return Footprint(pids, relays, cgroups, bound_ports(_socket_inodes(pids)), directories)
+    return Footprint(pids, relays, cgroups, pools, bound_ports(_socket_inodes(pids)),
+                     directories)
 
 
 def nft_tables() -> set[str]:
@@ -125,7 +148,7 @@ def left_of(before: Footprint, tables: set[str], mark: str) -> dict[str, object]
     left: dict[str, object] = {
         "processes": [f"{pid} {_read(f'/proc/{pid}/cmdline').replace(chr(0), ' ')}"
                       for pid in marked_processes(mark)],
-        "cgroups": sorted(c for c in before.cgroups if os.path.exists(c)),
+        "cgroups": sorted(set().union(*map(pool_cgroups, before.pools))),
         "ports": sorted(before.ports & bound_ports()),
         "directories": sorted(d for d in before.directories if os.path.exists(d)),
         "nft tables": sorted(nft_tables() - tables),

@@ -52,7 +52,7 @@ def test_sigkill_mid_phase_leaves_nothing(prerequisites: None, tmp_path: Path) -
         assert err.seen.wait(90), err.text[-3000:]
         time.sleep(1.0)
         before = footprint(mark)
-        assert len(before.relays) >= 2 and len(before.cgroups) == len(before.relays), before
+        assert len(before.relays) >= 2 and len(before.cgroups) >= len(before.relays), before
         assert before.ports and len(before.directories) >= len(before.relays) + 1, before
         process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
