@@ -137,6 +137,13 @@ def footprint(mark: str) -> Footprint:
                      directories)
 
 
+def held_by_run(ports: set[tuple[str, str]], mark: str) -> set[tuple[str, str]]:
+    """Those of ``ports`` a process of the run (carrying ``mark``) still holds. Not
+    whoever holds them now: another run on this machine takes the same addresses (the
+    emulated CGNAT's, the first relay's) as soon as they are free."""
+    return ports & bound_ports(_socket_inodes(set(marked_processes(mark))))
+
+
 def nft_tables() -> set[str]:
     done = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
                           check=True, timeout=30)
@@ -149,7 +156,7 @@ def left_of(before: Footprint, tables: set[str], mark: str) -> dict[str, object]
         "processes": [f"{pid} {_read(f'/proc/{pid}/cmdline').replace(chr(0), ' ')}"
                       for pid in marked_processes(mark)],
         "cgroups": sorted(set().union(*map(pool_cgroups, before.pools))),
-        "ports": sorted(before.ports & bound_ports()),
+        "ports": sorted(held_by_run(before.ports, mark)),
         "directories": sorted(d for d in before.directories if os.path.exists(d)),
         "nft tables": sorted(nft_tables() - tables),
     }

@@ -18,8 +18,8 @@ from tests.integration.leftovers import (
     LEFT_WITHIN,
     TRACEBACK_SIGNS,
     Reader,
-    bound_ports,
     footprint,
+    held_by_run,
 )
 from tests.integration.test_localmode import marked_processes
 from turnstorm.localrelay import LocalRelay
@@ -49,11 +49,10 @@ def test_sigkill_leaves_no_echo_peer_or_worker(relay: LocalRelay, tmp_path: Path
         process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         process.wait(10)
-        while (marked_processes(mark) or before.ports & bound_ports()) and (
-                time.monotonic() - killed < LEFT_WITHIN):
+        while marked_processes(mark) and time.monotonic() - killed < LEFT_WITHIN:
             time.sleep(0.2)
         assert marked_processes(mark) == []
-        assert before.ports & bound_ports() == set()
+        assert held_by_run(before.ports, mark) == set()
         for reader in (out, err):
             reader.thread.join(max(0.1, killed + LEFT_WITHIN - time.monotonic()))
             assert not reader.thread.is_alive()
