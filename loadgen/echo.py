@@ -99,11 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    print(f"echo listening on {host}:{port}", flush=True)
     try:
+        signal.signal(signal.SIGTERM, stop)
+        print(f"echo listening on {host}:{port}", flush=True)
         echo_loop(sock, counter)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # stopped, or the parent already gone
         pass
     finally:
         sock.close()
