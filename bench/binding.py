@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from turnstorm.blast import BlastResult, percentiles, run_binding_blast
+from turnstorm.exporter import read_cpu_seconds
 from turnstorm.localrelay import LocalRelay, loopback_relay_config
 from turnstorm.proto import stun
 
@@ -34,14 +35,6 @@ GOAL = 120_000
 SERVER_EXTRA = ["no-stun-backward-compatibility", "response-origin-only-with-rfc5780"]
 """Binding responses carry XOR-MAPPED-ADDRESS only (no MAPPED-ADDRESS, RESPONSE-ORIGIN):
 what a modern deployment would send, and less per response for both sides."""
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (all its threads), from ``/proc/<pid>/stat``."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        fields = handle.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # fields 14 and 15 of stat(5)
 
 
 def naive_binding(host: str, port: int, *, duration: float, timeout: float = 1.0) -> BlastResult:
@@ -82,9 +75,9 @@ def naive_binding(host: str, port: int, *, duration: float, timeout: float = 1.0
 
 def measured(pid: int, run: Callable[[], BlastResult]) -> tuple[BlastResult, float]:
     """A run and the server's CPU use over it (fraction of one core)."""
-    server0 = process_cpu_seconds(pid)
+    server0 = read_cpu_seconds(pid)
     result = run()
-    return result, (process_cpu_seconds(pid) - server0) / result.elapsed
+    return result, (read_cpu_seconds(pid) - server0) / result.elapsed
 
 
 HEADER = (f"{'run':<24}{'tx/s':>9}{'client':>8}{'server':>8}{'tx/s/cl-core':>14}"

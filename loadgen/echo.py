@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
-import os
 import signal
 import socket
 import sys
@@ -23,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from turnstorm.lifeline import bind_to_parent
 from turnstorm.proto.stun import Address
 
-_PR_SET_PDEATHSIG = 1
 RECV_SIZE = 65535
 SOCKET_BUFFER = 4 * 1024 * 1024
 
@@ -84,40 +81,34 @@ def spawn_echo(host: str = "127.0.0.1", port: int = 0) -> tuple[Any, Address, Ec
     return gevent.spawn(run), (bound[0], bound[1]), counter
 
 
-def die_with_parent() -> None:
-    """Get SIGTERM when the parent process dies, however it dies (Linux
-    ``PR_SET_PDEATHSIG``): a generator killed with SIGKILL leaves no echo peer behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m turnstorm.loadgen.echo",
                                      description="UDP echo peer for relayed media.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default: any free)")
     args = parser.parse_args(argv)
-    parent = os.getppid()
-    die_with_parent()
-    if os.getppid() != parent:
+    parent = bind_to_parent()  # a generator killed with SIGKILL leaves no echo peer behind
+    if parent.gone:
         return 0  # the parent was gone before the death signal was armed
     sock = open_socket(args.host, args.port)
     counter = EchoCounter()
     host, port = sock.getsockname()[:2]
 
     def stop(signum: int, frame: object) -> None:
+        # once: a parent's death may signal again (see turnstorm.lifeline.die_with_parent)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    print(f"echo listening on {host}:{port}", flush=True)
     try:
+        signal.signal(signal.SIGTERM, stop)
+        print(f"echo listening on {host}:{port}", flush=True)
         echo_loop(sock, counter)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # stopped, or the parent already gone
         pass
     finally:
         sock.close()
-    print(f"echoed {counter.echoed} datagrams", flush=True)
+    with contextlib.suppress(BrokenPipeError):  # a dead parent reads nothing
+        print(f"echoed {counter.echoed} datagrams", flush=True)
     return 0
 
 

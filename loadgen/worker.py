@@ -9,7 +9,8 @@ the shared secret, which must not show up in ``ps``). The worker connects to the
 aggregates in Locust's reports and, when the master stops the test, sends one final
 report at once (marked final) so the master knows it has every sample. ``--dump`` writes
 everything this worker measured as JSON at that moment (tests compare it with the
-master's merge).
+master's merge). When the master's process dies, however it dies, the worker stops its
+users (their calls release) and exits.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import gevent
 import locust  # noqa: F401 - first: it monkey-patches the process with gevent
 from locust.env import Environment
 from locust.event import Events
 
+from turnstorm.lifeline import ParentWatch, bind_to_parent
 from turnstorm.loadgen.cgnat import Gateway, Population
 from turnstorm.loadgen.config import CGNAT_KEY, config_from_dict
 from turnstorm.loadgen.exporter import attach, serve
@@ -37,6 +41,23 @@ def load_class(spec: str) -> type[Any]:
     return cls
 
 
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done: list[bool] = []
+
+    def run() -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return run
+
+
+def _quit_when_gone(parent: ParentWatch, quit_runner: Callable[[], None]) -> None:
+    while not parent.gone:
+        gevent.sleep(1.0)
+    quit_runner()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m turnstorm.loadgen.worker")
     parser.add_argument("--master-port", type=int, required=True)
@@ -47,7 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dump", help="write this worker's cumulative report here when the "
                         "test stops")
     args = parser.parse_args(argv)
-    data = json.loads(sys.stdin.read())
+    parent = bind_to_parent()  # SIGTERM when the master's process dies, however it dies
+    try:
+        data = json.loads(sys.stdin.read())
+    except ValueError:  # empty or cut short: the master died handing it over
+        return 0
+    if parent.gone:
+        return 0
     gateways = data.pop(CGNAT_KEY, None)
     config = config_from_dict(data)
     if args.prefix:
@@ -74,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           handle)
 
     environment.events.test_stop.add_listener(final_report)  # type: ignore[no-untyped-call]
+    # SIGTERM (the master's end, or its death: maybe more than once) or a new parent:
+    # stop the users (their calls release) instead of waiting a minute for the master's
+    # heartbeat
+    quit_once = _once(runner.quit)
+    gevent.signal_handler(signal.SIGTERM, quit_once)
+    gevent.spawn(_quit_when_gone, parent, quit_once)
     try:
         runner.greenlet.join()
     finally:

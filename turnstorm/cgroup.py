@@ -20,6 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from turnstorm import lifeline
 from turnstorm.errors import TurnstormError
 
 PARENT = "turnstorm"
@@ -142,6 +143,7 @@ class CpuCgroup:
         if not os.access(root, os.W_OK):
             raise CgroupError(f"cannot create cgroups under {root}: no write access (run as "
                               "root or delegate that cgroup subtree to this user)")
+        lifeline.track("cgroup", self.path)  # made by this process: undone if it dies
         try:
             for attempt in range(3):
                 os.makedirs(self.parent, exist_ok=True)
@@ -156,12 +158,15 @@ class CpuCgroup:
                     continue
                 break
         except FileExistsError:
+            lifeline.untrack(self.path)  # someone else's
             raise CgroupError(f"{self.path} already exists (a leftover: remove it with "
                               f"rmdir once it is empty)") from None
         except PermissionError:
+            lifeline.untrack(self.path)
             raise CgroupError(f"cannot create {self.path}: permission denied (run as root "
                               "or delegate that cgroup subtree to this user)") from None
         except OSError as exc:
+            lifeline.untrack(self.path)
             raise CgroupError(f"cannot create {self.path}: {exc.strerror or exc}") from None
         self.created = True
         try:
@@ -267,6 +272,7 @@ class CpuCgroup:
             break
         self.created = False
         self.origins.clear()
+        lifeline.untrack(self.path)
         # The shared parent goes too once the last group is gone.
         with contextlib.suppress(OSError):
             os.rmdir(self.parent)

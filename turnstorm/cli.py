@@ -187,10 +187,8 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    import yaml
-
     from turnstorm.operator.render import DEFAULT_EXPORTER_IMAGE, render_pool, to_yaml
-    from turnstorm.spec import turnpool_from_object
+    from turnstorm.spec import load_documents, turnpool_from_object
 
     try:
         if args.file == "-":
@@ -200,10 +198,7 @@ def _run_render(args: argparse.Namespace) -> int:
                 text = handle.read()
     except OSError as exc:
         raise TurnstormError(f"cannot read {args.file}: {exc.strerror}") from None
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise TurnstormError(f"{args.file}: not valid YAML: {exc}".splitlines()[0]) from None
+    documents = load_documents(text, args.file)
     pools = [d for d in documents if isinstance(d, dict) and d.get("kind") == "TurnPool"]
     if not pools:
         raise TurnstormError(f"{args.file}: no TurnPool document found")
@@ -211,9 +206,9 @@ def _run_render(args: argparse.Namespace) -> int:
         raise TurnstormError("--replicas must be 0 or more")
     out = []
     for document in pools:
-        if args.namespace and not document.get("metadata", {}).get("namespace"):
-            document.setdefault("metadata", {})["namespace"] = args.namespace
-        spec = turnpool_from_object(document)
+        spec = turnpool_from_object(document)  # checks metadata's types before it is read
+        if args.namespace and not (document.get("metadata") or {}).get("namespace"):
+            spec.namespace = args.namespace
         out += render_pool(spec, replicas=args.replicas,
                            exporter_image=args.exporter_image or DEFAULT_EXPORTER_IMAGE,
                            service_monitor_available=args.service_monitor)

@@ -354,11 +354,36 @@ def read_udp_sockets(pid: int | None = None, *, own_only: bool = True) -> list[U
     return sockets
 
 
-def parse_stat_cpu_seconds(text: str, ticks: int) -> float:
-    """utime+stime of a ``/proc/<pid>/stat`` line, in seconds."""
-    # The command name (field 2) is parenthesized and may hold spaces or parentheses.
-    rest = text[text.rindex(")") + 2:].split()
-    utime, stime = int(rest[11]), int(rest[12])
+STAT_TIMES = (11, 12)
+"""utime and stime (fields 14 and 15 of proc_pid_stat(5)): the 12th and 13th fields
+after the command name."""
+KERNEL_ULL_DIGITS = 20
+"""The kernel writes those counters as unsigned 64-bit numbers."""
+
+
+def _counter(field: str) -> int | None:
+    if field.isascii() and field.isdigit() and len(field) <= KERNEL_ULL_DIGITS:
+        return int(field)
+    return None
+
+
+def parse_stat_cpu_seconds(text: str, ticks: int) -> float | None:
+    """utime+stime of a ``/proc/<pid>/stat`` line, in seconds; None (no data for this
+    sample) for a line that is not what the kernel writes.
+
+    The kernel writes ``PID (COMM) STATE PPID ...``: COMM, the command name, is the text
+    between the first ``(`` and the last ``)``, and may hold spaces, parentheses and
+    line breaks; the fields after it are numbers and the state letter."""
+    pid, opening, rest = text.partition(" (")
+    end = rest.rfind(")")
+    if not (opening and pid.isascii() and pid.isdigit() and end >= 0 and ticks > 0):
+        return None
+    fields = rest[end + 1:].split()
+    if len(fields) <= max(STAT_TIMES):
+        return None
+    utime, stime = (_counter(fields[i]) for i in STAT_TIMES)
+    if utime is None or stime is None:
+        return None
     return (utime + stime) / ticks
 
 
@@ -419,14 +444,21 @@ def read_steal_seconds(cpu: int | None = None) -> float:
     return 0.0
 
 
-def read_cpu_seconds(pid: int) -> float:
-    """CPU seconds of process ``pid``: the thread group's total (all threads)."""
+def read_cpu_seconds(pid: int, proc: str = "/proc") -> float:
+    """CPU seconds of process ``pid``: the thread group's total (all threads).
+    :class:`TurnstormError` when the process is gone or its stat line cannot be read
+    (the collector then reports no CPU for that sample)."""
+    path = os.path.join(proc, str(pid), "stat")
     try:
-        with open(_proc(pid, "stat"), encoding="ascii", errors="replace") as handle:
+        with open(path, encoding="ascii", errors="replace") as handle:
             text = handle.read()
     except OSError as exc:
         raise TurnstormError(f"process {pid}: {exc.strerror}") from None
-    return parse_stat_cpu_seconds(text, os.sysconf("SC_CLK_TCK"))
+    seconds = parse_stat_cpu_seconds(text, os.sysconf("SC_CLK_TCK"))
+    if seconds is None:
+        raise TurnstormError(f"process {pid}: no CPU times in {path} (not the kernel's "
+                             "stat format)")
+    return seconds
 
 
 # -- collection -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from turnstorm import lifeline
 from turnstorm.coturnconf import RelayConfig, render
 from turnstorm.errors import TurnstormError
 from turnstorm.proto import stun
@@ -97,6 +98,9 @@ class LocalRelay:
     def start(self, timeout: float = 10.0) -> None:
         binary = find_turnserver()
         self.workdir = tempfile.mkdtemp(prefix="turnstorm-relay-")
+        # the relay runs in a session of its own, named by its config path: undone by the
+        # guard of a process that dies without stopping it (see turnstorm.lifeline)
+        lifeline.track("dir", self.workdir)
         cfg = self.config
         cfg.log_file = os.path.join(self.workdir, "turnserver.log")
         cfg.pid_file = os.path.join(self.workdir, "turnserver.pid")
@@ -152,6 +156,7 @@ class LocalRelay:
                 process.wait()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            lifeline.untrack(self.workdir)
             self.workdir = ""
 
     def __enter__(self) -> LocalRelay:

@@ -2,8 +2,10 @@
 
 This module applies the schemas' defaults, checks the same rules the apiserver enforces
 (types, enums, minimum/maximum, and each CEL rule with the same message), and turns a
-defaulted spec into typed dataclasses. The local mode uses it for scenario files, so an
-invalid file gets the message ``kubectl apply`` would give.
+defaulted spec into typed dataclasses. Every node's type is checked before it is read,
+``metadata``'s too, so a value of any type gets a :class:`SpecError` naming its field.
+The local mode uses it for scenario files, so an invalid file gets the message ``kubectl
+apply`` would give.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def apply_defaults(value: Any, node: dict[str, Any]) -> Any:
     return value
 
 
+INT64 = (-(2**63), 2**63 - 1)
+"""The apiserver's integers are 64-bit."""
+
 _TYPES: dict[str, Callable[[Any], bool]] = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
@@ -70,19 +75,75 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "boolean": lambda v: isinstance(v, bool),
 }
 
+METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {
+        "name": {"type": "string", "nullable": True},
+        "namespace": {"type": "string", "nullable": True},
+        "labels": {"type": "object", "nullable": True,
+                   "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "nullable": True,
+                        "additionalProperties": {"type": "string"}},
+    },
+}
+"""The fields of ``metadata`` (Kubernetes' ObjectMeta, which a CRD's schema leaves out)
+that turnstorm reads, with the types the apiserver gives them; null reads as unset."""
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def field_path(path: str, name: str) -> str:
+    """``path.name`` for a message; a name that is not plain printable text (empty,
+    holding a line break, very long) is quoted: ``path['a\\nb']``."""
+    if name and name.isprintable() and len(name) <= 63:
+        return f"{path}.{name}"
+    return f"{path}[{shown(name)}]"
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _check_type(value: Any, kind: str, path: str) -> None:
+    """The JSON type ``kind`` of the schema: a YAML value of another type, a number JSON
+    cannot carry (NaN, infinity) or an integer over 64 bits is refused here."""
+    if not _TYPES[kind](value):
+        raise SpecError(f"{path}: must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                        f"got {type(value).__name__} {shown(value)}")
+    if kind == "number" and not _finite(value):
+        raise SpecError(f"{path}: must be a finite number, got {shown(value)}")
+    if kind == "integer" and not INT64[0] <= value <= INT64[1]:
+        raise SpecError(f"{path}: must be a 64-bit integer, got {shown(value)}")
+    if isinstance(value, dict):
+        for name in value:
+            if not isinstance(name, str):
+                raise SpecError(f"{path}: field names must be strings, got "
+                                f"{type(name).__name__} {shown(name)}")
+
 
 def check_schema(value: Any, node: dict[str, Any], path: str) -> None:
     """Raise :class:`SpecError` naming the field for the first schema violation."""
     kind = node.get("type")
+    if value is None and node.get("nullable"):
+        return
     if node.get("x-kubernetes-int-or-string"):
         if not isinstance(value, int | str) or isinstance(value, bool):
             raise SpecError(f"{path}: must be an integer or a string")
+        if isinstance(value, int):
+            _check_type(value, "integer", path)
         return
-    if kind and not _TYPES[kind](value):
-        raise SpecError(f"{path}: must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
-                        f"got {type(value).__name__} {value!r}")
+    if kind:
+        _check_type(value, kind, path)
     if "enum" in node and value not in node["enum"]:
-        raise SpecError(f"{path}: unsupported value {value!r}: supported values: "
+        raise SpecError(f"{path}: unsupported value {shown(value)}: supported values: "
                         + ", ".join(f'"{v}"' for v in node["enum"]))
     if "minimum" in node and value < node["minimum"]:
         raise SpecError(f"{path}: should be greater than or equal to {node['minimum']}")
@@ -105,9 +166,9 @@ def check_schema(value: Any, node: dict[str, Any], path: str) -> None:
             if name in props:
                 check_schema(child, props[name], f"{path}.{name}")
             elif isinstance(extra, dict):
-                check_schema(child, extra, f"{path}.{name}")
+                check_schema(child, extra, field_path(path, name))
             elif not node.get("x-kubernetes-preserve-unknown-fields"):
-                raise SpecError(f"{path}.{name}: unknown field")
+                raise SpecError(f"{field_path(path, name)}: unknown field")
     if kind == "array":
         if "maxItems" in node and len(value) > node["maxItems"]:
             raise SpecError(f"{path}: must have at most {node['maxItems']} items")
@@ -182,11 +243,14 @@ def validate(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     """Default and validate a whole object (apiVersion, kind, metadata, spec); returns the
     defaulted copy. Field paths in errors start at ``spec``."""
     if obj.get("apiVersion") != API_VERSION:
-        raise SpecError(f"apiVersion: must be {API_VERSION}, got {obj.get('apiVersion')!r}")
+        raise SpecError(f"apiVersion: must be {API_VERSION}, got "
+                        f"{shown(obj.get('apiVersion'))}")
     if obj.get("kind") != kind:
-        raise SpecError(f"kind: must be {kind}, got {obj.get('kind')!r}")
-    name = (obj.get("metadata") or {}).get("name")
-    if not isinstance(name, str) or not name:
+        raise SpecError(f"kind: must be {kind}, got {shown(obj.get('kind'))}")
+    metadata = obj.get("metadata")
+    if metadata is not None:
+        check_schema(metadata, METADATA_SCHEMA, "metadata")
+    if not (metadata or {}).get("name"):
         raise SpecError("metadata.name: Required value")
     root = schema(kind)
     spec_schema = root["properties"]["spec"]
@@ -197,6 +261,20 @@ def validate(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(obj)
     result["spec"] = spec
     return result
+
+
+def load_documents(text: str, path: str) -> list[Any]:
+    """The YAML documents of a file (empty ones left out); :class:`SpecError` names the
+    file and the line of a syntax error."""
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {first}") from None
+    except ValueError as exc:  # a timestamp of no calendar, e.g. 2026-02-30
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
 
 
 # -- typed view ------------------------------------------------------------------------------
@@ -322,7 +400,11 @@ class TurnPoolSpec:
 
 def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
     """Validate (with defaults) and convert a TurnPool object."""
-    checked = validate("TurnPool", obj)
+    return turnpool_from_checked(validate("TurnPool", obj))
+
+
+def turnpool_from_checked(checked: dict[str, Any]) -> TurnPoolSpec:
+    """Convert a TurnPool that :func:`validate` returned."""
     s = checked["spec"]
     meta = checked["metadata"]
     sc = s["scaling"]
@@ -333,7 +415,7 @@ def turnpool_from_object(obj: dict[str, Any]) -> TurnPoolSpec:
 
     spec = TurnPoolSpec(
         name=meta["name"],
-        namespace=meta.get("namespace", "default"),
+        namespace=meta.get("namespace") or "default",
         image=s["image"],
         min_replicas=s["replicas"]["min"],
         max_replicas=s["replicas"]["max"],

@@ -1,7 +1,10 @@
 """``turnstorm run``: the storm against a fixed pool, then against the autoscaled pool.
 
 Order of things: validate the scenario, check the prerequisites (coturn, cgroup
-rights, Python packages), start the echo peer and, if installed, a local Prometheus;
+rights, Python packages), start the guard of :mod:`turnstorm.lifeline` (a run killed
+outright, SIGKILL included, leaves no relay, cgroup, Prometheus or directory behind; the
+echo peer and the phase's generator see their parent die and exit by themselves), start
+the echo peer and, if installed, a local Prometheus;
 then for each phase a fresh :class:`~turnstorm.actuator.LocalPool` at the pool's minimum
 size, the autoscaler loop (:mod:`turnstorm.localmode.control`) and the Locust storm
 (:func:`turnstorm.loadgen.runner.run_locust`, same seed and shape both times). Every
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from turnstorm import lifeline
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.report import IDEAL, PHASES, format_table, table_rows, write_report
 from turnstorm.localmode.scenario import Scenario, ScenarioError, load_scenario
@@ -329,9 +333,13 @@ def run(options: Options) -> int:
     started = time.monotonic()
     started_wall = time.time()
     phases: dict[str, dict[str, Any]] = {}
+    lifeline.arm()  # killed outright, this process still leaves nothing behind
     stack = contextlib.ExitStack()
+    stack.callback(lifeline.disarm)
     try:
         workdir = tempfile.mkdtemp(prefix="turnstorm-run-")
+        lifeline.track("dir", workdir)  # and the local Prometheus, which names it
+        stack.callback(lifeline.untrack, workdir)
         stack.callback(shutil.rmtree, workdir, True)
         rotation_file = os.path.join(workdir, "rotation.json")
         os.environ[ROTATION_ENV] = rotation_file

@@ -27,11 +27,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from turnstorm.errors import TurnstormError
 from turnstorm.loadgen.config import ConfigError, SessionLength
-from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object, validate
+from turnstorm.spec import (
+    SpecError,
+    TurnPoolSpec,
+    field_path,
+    load_documents,
+    shown,
+    turnpool_from_checked,
+    validate,
+)
 
 ANNOTATION_PREFIX = "turnstorm.io/"
 DEFAULT_TIME_SCALE = 10.0
@@ -113,14 +119,15 @@ def _number(text: str, where: str, minimum: float = 0.0) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise SpecError(f"{where}: {text!r} is not a number") from None
+        raise SpecError(f"{where}: {shown(text)} is not a number") from None
     if not math.isfinite(value) or value <= minimum:
         raise SpecError(f"{where}: must be a number greater than {minimum:g}")
     return value
 
 
-def _load_plan(obj: dict[str, Any], pool_name: str) -> LoadPlan:
-    checked = validate("LoadRun", obj)
+def _load_plan(checked: dict[str, Any], pool_name: str) -> LoadPlan:
+    """The LoadRun that :func:`~turnstorm.spec.validate` returned, read for the local
+    generator."""
     spec = checked["spec"]
     target = spec["target"]
     if "poolRef" not in target or target["poolRef"]["name"] != pool_name:
@@ -134,7 +141,8 @@ def _load_plan(obj: dict[str, Any], pool_name: str) -> LoadPlan:
         raise SpecError("spec.mix: binding + turnSession must be more than 0")
     params: dict[str, float] = {}
     for key, value in (spec["shape"].get("params") or {}).items():
-        params[key.replace("-", "_")] = _number(str(value), f"spec.shape.params.{key}", -1)
+        params[key.replace("-", "_")] = _number(str(value),
+                                                field_path("spec.shape.params", key), -1)
     shape = spec["shape"]["name"]
     user_param = SHAPE_USER_PARAM.get(shape)
     if user_param is not None:
@@ -160,15 +168,26 @@ def _load_plan(obj: dict[str, Any], pool_name: str) -> LoadPlan:
         workers=spec["workers"])
 
 
+def _name(document: dict[str, Any]) -> str:
+    """The document's metadata.name for a message, "?" where there is none to show."""
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) and name else "?"
+
+
 def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     """Validate a scenario; :class:`ScenarioError` names the file, the kind and the field."""
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ScenarioError(f"{path}: not valid YAML{where}: {first}") from None
+        documents = load_documents(text, path)
+    except SpecError as exc:
+        raise ScenarioError(str(exc)) from None
+    return scenario_from_documents(documents, path)
+
+
+def scenario_from_documents(documents: list[Any], path: str = "<scenario>") -> Scenario:
+    """:func:`parse_scenario` after the YAML: ``documents`` as ``yaml.safe_load_all`` gives
+    them (empty ones left out). Every node is checked against the CRD schemas before it
+    is read, so any value of any type gets a :class:`ScenarioError` naming its field."""
     by_kind: dict[str, dict[str, Any]] = {}
     for index, document in enumerate(documents):
         if not isinstance(document, dict):
@@ -177,7 +196,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         kind = document.get("kind")
         if kind not in ("TurnPool", "LoadRun"):
             raise ScenarioError(f"{path}: document {index + 1}: kind: must be TurnPool or "
-                                f"LoadRun, got {kind!r}")
+                                f"LoadRun, got {shown(kind)}")
         if kind in by_kind:
             raise ScenarioError(f"{path}: kind: exactly one {kind} per scenario file")
         by_kind[kind] = document
@@ -186,19 +205,18 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             raise ScenarioError(f"{path}: kind: a {kind} document is missing")
     kind = "TurnPool"
     try:
-        pool = turnpool_from_object(by_kind["TurnPool"])
-        scale_text = _annotation(by_kind["TurnPool"], "time-scale")
+        checked = {"TurnPool": validate("TurnPool", by_kind["TurnPool"])}
+        pool = turnpool_from_checked(checked["TurnPool"])
+        scale_text = _annotation(checked["TurnPool"], "time-scale")
         time_scale = (_number(scale_text, "metadata.annotations."
                               f"{ANNOTATION_PREFIX}time-scale")
                       if scale_text is not None else DEFAULT_TIME_SCALE)
         kind = "LoadRun"
-        load = _load_plan(by_kind["LoadRun"], pool.name)
+        checked["LoadRun"] = validate("LoadRun", by_kind["LoadRun"])
+        load = _load_plan(checked["LoadRun"], pool.name)
     except SpecError as exc:
-        name = (by_kind[kind].get("metadata") or {}).get("name") or "?"
-        raise ScenarioError(f"{path}: {kind} {name}: {exc}") from None
-    return Scenario(path, pool, load, time_scale,
-                    {"TurnPool": validate("TurnPool", by_kind["TurnPool"]),
-                     "LoadRun": validate("LoadRun", by_kind["LoadRun"])})
+        raise ScenarioError(f"{path}: {kind} {_name(by_kind[kind])}: {exc}") from None
+    return Scenario(path, pool, load, time_scale, checked)
 
 
 def load_scenario(path: str) -> Scenario:

@@ -12,7 +12,9 @@ second (:class:`~turnstorm.localmode.series.Row` fields without the pool's colum
 one ``result`` line; or one ``error`` line and exit code 2 for a setting that cannot
 run. The relays in rotation come from the file named by
 :data:`~turnstorm.localmode.rotation.ROTATION_ENV`. SIGTERM and SIGINT stop the users
-at the next tick (their allocations are released) and the Locust workers.
+at the next tick (their allocations are released) and the Locust workers; so does the
+orchestrator's death, however it dies (the kernel's parent-death signal, a closed pipe,
+or a new parent), with exit code 130 and nothing on stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 from typing import Any
 
 from turnstorm.errors import TurnstormError
+from turnstorm.lifeline import bind_to_parent
 from turnstorm.loadgen.cgnat import Population
 from turnstorm.loadgen.config import config_from_dict
 from turnstorm.loadgen.metrics import total
@@ -38,9 +41,25 @@ from turnstorm.localmode.series import PhaseRecorder
 from turnstorm.localmode.users import RotatingBindingUser, RotatingTurnUser
 
 
-def emit(kind: str, data: Any) -> None:
-    sys.stdout.write(json.dumps({"kind": kind, "data": data}) + "\n")
-    sys.stdout.flush()
+def emit(kind: str, data: Any) -> bool:
+    """One line to the orchestrator; False once it is gone (its end of the pipe closed):
+    this process then stops what it started and exits quietly."""
+    try:
+        sys.stdout.write(json.dumps({"kind": kind, "data": data}) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        orphaned()
+        return False
+    return True
+
+
+def orphaned() -> None:
+    """The orchestrator is gone: what is still buffered for it goes nowhere (no
+    BrokenPipeError at exit), and the next progress tick stops the users."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    _stopping.append(signal.SIGPIPE)
 
 
 _stopping: list[int] = []
@@ -55,12 +74,18 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> int:
     from turnstorm.localmode.run import PRIORITY, quiet_locust
 
+    parent = bind_to_parent()  # SIGTERM when the orchestrator dies, however it dies
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     quiet_locust()
     with contextlib.suppress(OSError):  # root only: the generator must not be starved
         os.nice(PRIORITY - os.nice(0))
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    job = json.loads(sys.stdin.read())
+    try:
+        job = json.loads(sys.stdin.read())
+    except ValueError:  # empty or cut short: the orchestrator died handing it over
+        return 130
+    if parent.gone:
+        return 130
     try:
         config = config_from_dict(job["config"])
         shape = make_shape(job["shape"], **dict(job["shape_params"], duration=job["duration"]))
@@ -75,9 +100,9 @@ def main() -> int:
     recorder = PhaseRecorder(job["phase"], PoolStatus(), 0.0)
 
     def tick(elapsed: float, environment: Any) -> None:
-        if _stopping:
+        if _stopping or parent.gone or not emit(
+                "row", recorder.sample(elapsed, environment).as_dict()):
             raise KeyboardInterrupt
-        emit("row", recorder.sample(elapsed, environment).as_dict())
 
     try:
         result = run_locust(config, classes, duration=job["duration"], users=job["users"],
