@@ -1,15 +1,22 @@
 """Autoscaling a TurnPool: read live relay signals, run the policy, drain before removing.
 
 Kept kopf-free: the timer handler passes plain data, a :class:`Kube`, a signal source and
-the clock. Scale-in never deletes a relay with live allocations:
+the clock. Scale-in never cuts a live allocation; the policy picks the relays with the
+fewest allocations, and how they drain depends on how clients reach them:
 
-1. the policy picks the relays with the fewest allocations;
-2. they leave rotation: label ``turnstorm.io/rotation=draining`` (the client Service
-   selects ``active`` only, so no new allocation lands there) and
-   ``controller.kubernetes.io/pod-deletion-cost`` very low, so that the ReplicaSet deletes
-   exactly these pods when ``replicas`` drops;
-3. ``replicas`` drops only when a draining relay's allocations reach 0 or its drain
-   deadline passes.
+* **through a Service** (``LoadBalancer``, ``NodePort``): kube-proxy DNATs each call's
+  UDP flow to its relay, and it deletes the conntrack entries of a flow whose endpoint
+  stops *serving*: a relay taken out of the Service by its label loses every call at
+  once (measured on a real node: every refresh 437, every frame lost). A *terminating*
+  endpoint still serves, and kube-proxy gives it no new flow while a ready relay exists.
+  So the chosen relays get the lowest ``controller.kubernetes.io/pod-deletion-cost`` and
+  ``replicas`` drops at once: the ReplicaSet deletes exactly these pods, each stays in
+  the Service as a terminating endpoint while its ``preStop`` hook waits for its calls
+  to end (or ``drainDeadlineSeconds``), and nothing else takes its place;
+* **directly** (``hostNetwork``, no DNAT): they leave rotation by label
+  ``turnstorm.io/rotation=draining`` (the headless Service lists ``active`` relays
+  only), with a low deletion cost, and ``replicas`` drops once a draining relay's
+  allocations reach 0 or its drain deadline passes; until then it can come back.
 
 With ``placement: pack`` each evaluation also labels the ready relays outside
 :func:`~turnstorm.policy.open_relays` (oldest pods first) ``turnstorm.io/rotation=standby``
@@ -312,6 +319,11 @@ def millicores(cores: float) -> str:
     return f"{max(1, round(cores * 1000))}m"
 
 
+def drains_by_deletion(spec: TurnPoolSpec) -> bool:
+    """True where clients reach the relays through a Service (module docstring)."""
+    return spec.exposure != "hostNetwork"
+
+
 def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolScaler,
                    source: SignalSource, now: float, wall: float) -> ScaleOutcome:
     """One evaluation: signals -> decision -> pod labels and Deployment replicas."""
@@ -330,8 +342,15 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
     decision = scaler.autoscaler.evaluate(now, samples)
     by_name = {s.name: s for s in samples}
 
+    by_deletion = drains_by_deletion(spec)
     for name in decision.drain:
         if name.startswith("(pending"):
+            continue
+        if by_deletion:
+            kube.patch_pod_metadata(spec.namespace, name, {}, {
+                DRAIN_STARTED: iso(wall), REMOVED_AT: iso(wall), DELETION_COST: REMOVED_COST})
+            events.append(("Normal", "Drain", f"relay {name} drains in its preStop hook "
+                           f"with {_allocs(by_name[name])} allocations"))
             continue
         kube.patch_pod_metadata(spec.namespace, name, {ROTATION_LABEL: ROTATION_DRAINING},
                                 {DRAIN_STARTED: iso(wall), DELETION_COST: DRAINING_COST})
@@ -379,8 +398,8 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
 
     draining = [s for s in samples if s.draining and s.name not in decision.undrain
                 and s.name not in decision.remove]
-    draining_names = [s.name for s in draining] + [n for n in decision.drain
-                                                   if not n.startswith("(pending")]
+    draining_names = [s.name for s in draining] + [
+        n for n in decision.drain if not n.startswith("(pending") and not by_deletion]
     new_replicas = decision.desired + len(draining_names)
     if new_replicas != replicas:
         kube.apps.patch_namespaced_deployment(spec.name, spec.namespace,
@@ -393,6 +412,7 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         kube.delete_pod(spec.namespace, name, grace_seconds=0)
     ratios = {k: round(v, 3) for k, v in decision.ratios.items()}
     top = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+    terminating = _terminating(spec, views, source, wall) if by_deletion else []
     status: dict[str, Any] = {
         "desiredReplicas": decision.desired,
         "saturation": ratios,
@@ -402,8 +422,9 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
         "drainingRelays": [
             {"name": s.name, "since": iso(wall - (now - (s.drain_started or now))),
              "allocations": int(s.allocations or 0)} for s in draining
-        ] + [{"name": n, "since": iso(wall), "allocations": int(_allocs(by_name[n]))}
-             for n in decision.drain if not n.startswith("(pending")],
+        ] + [{"name": n, "since": iso(wall), "allocations": int(_allocs(by_name[n])),
+              **({"deleted": True} if by_deletion else {})}
+             for n in decision.drain if not n.startswith("(pending")] + terminating,
     }
     if spec.scaling.pack_fill is not None or any(v.standby for v in views):
         status["standbyRelays"] = standby
@@ -416,6 +437,17 @@ def autoscale_pool(kube: Kube, spec: TurnPoolSpec, replicas: int, scaler: PoolSc
     probes = {s.name: s.signals.get("probe_rtt_ms") for s in samples
               if not s.name.startswith("(pending") and s.ready}
     return ScaleOutcome(decision, new_replicas, status, events, probes)
+
+
+def _terminating(spec: TurnPoolSpec, views: list[PodView], source: SignalSource,
+                 wall: float) -> list[dict[str, Any]]:
+    """Relays draining in their preStop hook (deleted, still serving their calls), for
+    status.drainingRelays."""
+    leaving = [v for v in views if v.deleting or v.removed_at is not None]
+    raw = source.read(spec, [v for v in leaving if v.ip]) if leaving else {}
+    return [{"name": v.name, "since": iso(v.drain_started or v.removed_at or wall),
+             "allocations": int((raw.get(v.name) or {}).get("allocations", 0)),
+             "deleted": True} for v in leaving]
 
 
 def _place(kube: Kube, spec: TurnPoolSpec, views: list[PodView],
@@ -441,6 +473,12 @@ def _place(kube: Kube, spec: TurnPoolSpec, views: list[PodView],
         if view.name in decision.undrain:
             continue  # labelled active above
         if view.name in opened:
+            if view.standby:
+                kube.patch_pod_metadata(spec.namespace, view.name,
+                                        {ROTATION_LABEL: ROTATION_ACTIVE}, {})
+        elif by_name[view.name].allocations != 0 and drains_by_deletion(spec):
+            # out of the Service, its calls would lose their conntrack entries: a relay
+            # with calls (or unknown ones) stays in rotation
             if view.standby:
                 kube.patch_pod_metadata(spec.namespace, view.name,
                                         {ROTATION_LABEL: ROTATION_ACTIVE}, {})

@@ -57,9 +57,10 @@ def desired_replicas(spec: TurnPoolSpec, status: dict[str, Any]) -> int:
 
 
 def deployment_replicas(spec: TurnPoolSpec, status: dict[str, Any]) -> int:
-    """Pods the Deployment keeps: relays in rotation plus those still draining."""
+    """Pods the Deployment keeps: relays in rotation plus those still draining in
+    rotation's stead (a deleted relay draining in its preStop hook is no longer one)."""
     draining = (status.get("drainingRelays") or []) if spec.scaling.enabled else []
-    return desired_replicas(spec, status) + len(draining)
+    return desired_replicas(spec, status) + sum(1 for d in draining if not d.get("deleted"))
 
 
 def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Outcome:

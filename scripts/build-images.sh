@@ -85,7 +85,7 @@ elif command -v podman >/dev/null && podman info >/dev/null 2>&1; then
 elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
     ENGINE=docker
 fi
-STORE=(--root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver vfs)
+STORE=(--root "$CACHE/storage-overlay" --runroot "$CACHE/run" --storage-driver overlay)
 case "$ENGINE" in
     buildah) command -v buildah >/dev/null \
                  || die "no container engine: install buildah (apt-get install buildah), podman or docker"

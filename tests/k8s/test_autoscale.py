@@ -158,6 +158,9 @@ def apply_with_pods(control_plane: ControlPlane, namespace: str, doc: dict[str, 
 def test_live_signals_scale_out_hold_on_outage_and_drain_in(
         control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
     doc = prepare(control_plane, namespace, relays, "live")
+    # clients reach hostNetwork relays directly: these drain out of rotation by label
+    # (through a Service they drain by deletion: the next test)
+    doc["spec"]["exposure"] = {"type": "hostNetwork"}
     loop = asyncio.new_event_loop()
     clients: dict[str, list[TurnClient]] = {}
     try:
@@ -257,6 +260,51 @@ def test_live_signals_scale_out_hold_on_outage_and_drain_in(
             for client in group:
                 loop.run_until_complete(client.aclose())
         loop.close()
+
+
+def test_relays_behind_a_service_drain_by_deletion(
+        control_plane: ControlPlane, namespace: str, relays: Relays) -> None:
+    """Through a Service (the default LoadBalancer exposure) a relay leaving rotation
+    would lose its calls' conntrack entries: the chosen relay gets the lowest deletion
+    cost and replicas drop at once, so the ReplicaSet deletes it and its preStop hook
+    drains it as a terminating endpoint; it is never relabelled, and it no longer
+    counts in the Deployment's replicas."""
+    doc = prepare(control_plane, namespace, relays, "svc")
+    with running_operator():
+        pods = apply_with_pods(control_plane, namespace, doc)
+
+        def removed() -> list[dict[str, Any]]:
+            metas = [(get(control_plane, "pod", p, namespace) or {}).get("metadata", {})
+                     for p in pods]
+            return [m for m in metas if "turnstorm.io/removed-at" in m.get("annotations", {})]
+
+        # no allocations on either relay (target 4): one relay is enough
+        (meta,) = wait_for(removed, timeout=30, what="a relay chosen for removal")
+        assert meta["labels"]["turnstorm.io/rotation"] == "active"  # still in the Service
+        assert meta["annotations"]["controller.kubernetes.io/pod-deletion-cost"] == \
+            "-2147483648"
+        assert "turnstorm.io/drain-started" in meta["annotations"]
+
+        def replicas() -> int:
+            dep = get(control_plane, "deployment", "svc", namespace) or {}
+            return int(dep.get("spec", {}).get("replicas", -1))
+
+        wait_for(lambda: replicas() == 1, timeout=10,
+                 what=lambda: "replicas lowered at once (the ReplicaSet deletes the relay): "
+                              f"{pool_status(control_plane, 'svc', namespace)}")
+        status = wait_for(lambda: (s := pool_status(control_plane, "svc", namespace))
+                          .get("drainingRelays") and s, timeout=10, what="drainingRelays")
+        assert status["drainingRelays"] == [{"name": meta["name"], "allocations": 0,
+                                             "deleted": True,
+                                             "since": meta["annotations"][
+                                                 "turnstorm.io/drain-started"]}]
+        for _ in range(4):  # the draining relay never brings replicas back up
+            time.sleep(1)
+            assert replicas() == 1
+        drains = wait_for(lambda: [e["message"] for e in json.loads(control_plane.kubectl(
+            "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+            if e["reason"] == "Drain"], timeout=10, what="the Drain event")
+        assert drains == [f"relay {meta['name']} drains in its preStop hook with 0 allocations"]
 
 
 def test_pack_placement_keeps_the_younger_relay_on_standby_until_needed(

@@ -59,4 +59,4 @@ def test_denied_peer_gets_403_on_the_wire(node: Node, pool: Pool) -> None:
     # loopback is always denied: the relay must refuse its own 127.0.0.1
     done = probe(f"turn:{address}?transport=udp", pool.secret_file, "127.0.0.1:9")
     assert done.returncode == 1
-    assert FORBIDDEN.format(method="CreatePermission") in done.stderr
+    assert done.stderr.strip() == f"turnstorm probe: {FORBIDDEN.format(method='ChannelBind')}"
