@@ -22,7 +22,6 @@ Goal: reaction <= 2 evaluation intervals + pod start, and 0 cut.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -63,7 +62,9 @@ def run(node: Node, quick: bool) -> int:
     steal0, work = read_steal_seconds(), Path(tempfile.mkdtemp(prefix="bench-node-"))
     try:
         with cluster.echo_peer() as peer:
-            figures = measure(node, namespace, relay_image, peer, work, quick)
+            figures = cluster.scale_cycle(node, namespace, relay_image, peer, work,
+                                            duration=25 if quick else 60,
+                                            interval=INTERVAL_S)
     finally:
         node.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     stolen = read_steal_seconds() - steal0
@@ -82,55 +83,6 @@ def run(node: Node, quick: bool) -> int:
     print(f"node: scale-out reaction {reaction:.2f} s, {cut:.0f} cut "
           f"(goal <= {goal:.2f} s, 0 cut) {verdict}")
     return 0
-
-
-def measure(node: Node, namespace: str, image: str, peer: str, work: Path,
-            quick: bool) -> dict[str, float | str]:
-    applied = time.monotonic()
-    pool = cluster.create_pool(
-        node, namespace, image, work,
-        replicas={"min": 1, "max": 3, "target": 1},
-        scaling={"targets": {"allocationsPerRelay": 4},
-                 "scaleDown": {"stabilizationWindowSeconds": 4, "periodSeconds": 2},
-                 "scaleUp": {"periodSeconds": 2}, "drainDeadlineSeconds": 120},
-        metrics={"intervalSeconds": INTERVAL_S})
-    (first,) = cluster.wait_for(lambda: pool.running(node), 120, interval=0.1,
-                                what="the first relay pod Ready")
-    pod_start = time.monotonic() - applied
-    target = pool.addresses(node)["ClusterIP"]
-    duration = 25 if quick else 60
-    storm = cluster.start_storm(target, pool, peer, work / "storm", "--users", "10",
-                                "--spawn-rate", "10", "--duration", str(duration),
-                                "--session", f"fixed:{duration}")
-    started = time.monotonic()
-    peak = 1
-
-    def new_relay_carries() -> bool:
-        nonlocal peak
-        pods = pool.running(node)
-        peak = max(peak, len(pods))
-        return any(p["metadata"]["name"] != first["metadata"]["name"]
-                   and (cluster.relay_allocations(p) or 0) > 0 for p in pods)
-
-    cluster.wait_for(new_relay_carries, duration, interval=0.1,
-                     what="a relay the operator added carrying calls")
-    reaction = time.monotonic() - started
-    report = storm.wait(duration + 120)
-    ended = time.monotonic()
-
-    def drained() -> bool:
-        nonlocal peak
-        pods = pool.pods(node)
-        peak = max(peak, len(pods))
-        status = pool.get(node).get("status", {})
-        return len(pods) == 1 and not status.get("drainingRelays")
-
-    cluster.wait_for(drained, 180, interval=0.2, what="the pool back at one relay")
-    cut = cluster.cut_calls(report)
-    return {"pod start": pod_start, "scale-out reaction": reaction,
-            "drain": time.monotonic() - ended, "peak relays": float(peak),
-            "allocations cut": float(sum(cut.values())),
-            "cut detail": json.dumps(cut) if cut else "(none)"}
 
 
 if __name__ == "__main__":

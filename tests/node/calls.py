@@ -92,9 +92,14 @@ class Calls:
         for index in indexes:
             self._loop.call_soon_threadsafe(self._ended[index].set)
 
+    def wait_ended(self, timeout: float = 30.0) -> None:
+        """Until every call has hung up (after ``end`` of all of them)."""
+        self._thread.join(timeout)
+
     def stop(self, timeout: float = 30.0) -> list[CallRecord]:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: every call ended
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         return self.records
 

@@ -249,3 +249,55 @@ def cut_calls(report: dict[str, Any]) -> dict[str, int]:
     found["allocations failed"] = report["allocations"]["failed"]
     found["release failed"] = report["allocations"]["release_failed"]
     return {k: v for k, v in found.items() if v}
+
+
+def scale_cycle(node: Node, namespace: str, image: str, peer: str, work: Path,
+                duration: int, interval: int = 2) -> dict[str, float | str]:
+    """A pool of 1-3 relays (target 4 allocations each) and a storm of 10 calls for
+    ``duration`` seconds through its ClusterIP: the times of pod start (apply -> Ready),
+    scale-out reaction (storm -> a relay the operator added carries calls) and drain
+    (storm end -> one relay again), peak relays and the allocations cut."""
+    applied = time.monotonic()
+    pool = create_pool(
+        node, namespace, image, work,
+        replicas={"min": 1, "max": 3, "target": 1},
+        scaling={"targets": {"allocationsPerRelay": 4},
+                 "scaleDown": {"stabilizationWindowSeconds": 4, "periodSeconds": 2},
+                 "scaleUp": {"periodSeconds": 2}, "drainDeadlineSeconds": 120},
+        metrics={"intervalSeconds": interval})
+    (first,) = wait_for(lambda: pool.running(node), 120, interval=0.1,
+                                what="the first relay pod Ready")
+    pod_start = time.monotonic() - applied
+    target = pool.addresses(node)["ClusterIP"]
+    storm = start_storm(target, pool, peer, work / "storm", "--users", "10",
+                                "--spawn-rate", "10", "--duration", str(duration),
+                                "--session", "uniform:4-8")
+    started = time.monotonic()
+    peak = 1
+
+    def new_relay_carries() -> bool:
+        nonlocal peak
+        pods = pool.running(node)
+        peak = max(peak, len(pods))
+        return any(p["metadata"]["name"] != first["metadata"]["name"]
+                   and (relay_allocations(p) or 0) > 0 for p in pods)
+
+    wait_for(new_relay_carries, duration, interval=0.1,
+                     what="a relay the operator added carrying calls")
+    reaction = time.monotonic() - started
+    report = storm.wait(duration + 120)
+    ended = time.monotonic()
+
+    def drained() -> bool:
+        nonlocal peak
+        pods = pool.pods(node)
+        peak = max(peak, len(pods))
+        status = pool.get(node).get("status", {})
+        return len(pods) == 1 and not status.get("drainingRelays")
+
+    wait_for(drained, 180, interval=0.2, what="the pool back at one relay")
+    cut = cut_calls(report)
+    return {"pod start": pod_start, "scale-out reaction": reaction,
+            "drain": time.monotonic() - ended, "peak relays": float(peak),
+            "allocations cut": float(sum(cut.values())),
+            "cut detail": json.dumps(cut) if cut else "(none)"}

@@ -157,11 +157,21 @@ def _exe(pid: int) -> str:
         return ""
 
 
-def _pids_running(binaries: Iterable[str | Path]) -> list[int]:
+def _pids_running(binaries: Iterable[str | Path], root: Path) -> list[int]:
+    """Processes of these binaries that belong to the node at ``root`` (their command
+    line names a path under it: the apiserver-only tier runs the same binaries)."""
     wanted = {str(b) for b in binaries}
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _exe(int(entry.name)).removesuffix(" (deleted)") in wanted:
+        if not entry.name.isdigit():
+            continue
+        if _exe(int(entry.name)).removesuffix(" (deleted)") not in wanted:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(root) in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -259,7 +269,7 @@ def leftovers(root: Path = DEFAULT_ROOT, bin_dirs: Iterable[Path] = ()) -> list[
     found: list[str] = []
     binaries = [d / b for d in bin_dirs for b in
                 (*COMPONENTS, "containerd-shim-runc-v2")]
-    found += [f"process {pid} ({_exe(pid)})" for pid in _pids_running(binaries)]
+    found += [f"process {pid} ({_exe(pid)})" for pid in _pids_running(binaries, root)]
     found += [f"mount {point}" for point in _mounts_under(root)]
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         found.append(f"bridge {BRIDGE}")
@@ -731,11 +741,14 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.tracing.processor
             self._stop_component(name, state)
         binaries = [d / "containerd-shim-runc-v2" for d in bin_dirs]
         self._stop_component("containerd", state)
-        _stop_pids(_pids_running(binaries), grace=2)
+        _stop_pids(_pids_running(binaries, self.root), grace=2)
         self._kill_cgroups({**state, "cgroups": sorted(
             {*state.get("cgroups", []), *(str(c) for c in _cgroup_dirs())})})
         for name in ("kube-apiserver", "etcd"):
             self._stop_component(name, state)
+        # anything else still running from the node's binaries (a crashed run's parts)
+        _stop_pids(_pids_running([d / b for d in bin_dirs for b in COMPONENTS], self.root),
+                   grace=5)
         for point in sorted(_mounts_under(self.root), key=len, reverse=True):
             _run("umount", "-l", point, check=False)
         for table in state.get("nft_tables", []):
