@@ -253,8 +253,9 @@ def cut_calls(report: dict[str, Any]) -> dict[str, int]:
 
 def scale_cycle(node: Node, namespace: str, image: str, peer: str, work: Path,
                 duration: int, interval: int = 2) -> dict[str, float | str]:
-    """A pool of 1-3 relays (target 4 allocations each) and a storm of 10 calls for
-    ``duration`` seconds through its ClusterIP: the times of pod start (apply -> Ready),
+    """A pool of 1-3 relays (target 4 allocations each) and a storm of 10 users making
+    calls of 1-3 s (so new calls keep arriving) for ``duration`` seconds through its
+    ClusterIP: the times of pod start (apply -> Ready),
     scale-out reaction (storm -> a relay the operator added carries calls) and drain
     (storm end -> one relay again), peak relays and the allocations cut."""
     applied = time.monotonic()
@@ -271,7 +272,7 @@ def scale_cycle(node: Node, namespace: str, image: str, peer: str, work: Path,
     target = pool.addresses(node)["ClusterIP"]
     storm = start_storm(target, pool, peer, work / "storm", "--users", "10",
                                 "--spawn-rate", "10", "--duration", str(duration),
-                                "--session", "uniform:4-8")
+                                "--session", "uniform:1-3")
     started = time.monotonic()
     peak = 1
 
