@@ -191,7 +191,7 @@ class KernelCgnat:
             raise NetnsError("the echo peer did not start in the relay namespace")
         self.exec(self.relay, sys.executable, "-c", (
             "import sys, time\n"
-            "from turnstorm.localrelay import stun_ready\n"
+            "from turnstorm.relay.process import stun_ready\n"
             "deadline = time.monotonic() + 10\n"
             f"while not stun_ready({RELAY_ADDRESS!r}, {RELAY_PORT}):\n"
             "    if time.monotonic() > deadline:\n"

@@ -29,7 +29,7 @@ from turnstorm.loadgen.config import CGNAT_KEY, ConfigError, LoadgenConfig, conf
 from turnstorm.loadgen.exporter import serve
 from turnstorm.loadgen.users import LoadgenState, install
 from turnstorm.loadgen.webui import install_media_tab
-from turnstorm.localrelay import free_port
+from turnstorm.relay.process import free_port
 
 WORKER_START_TIMEOUT = 20.0
 """Seconds the master waits for its worker processes to connect."""

@@ -38,7 +38,6 @@ from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
-from turnstorm.exporter import SignalTracker, scrape_signals
 from turnstorm.operator.kube import Kube
 from turnstorm.operator.render import (
     DELETION_COST,
@@ -51,6 +50,7 @@ from turnstorm.operator.render import (
 )
 from turnstorm.policy import Autoscaler, Decision, RelaySample, StormOptions, open_relays
 from turnstorm.proto import stun
+from turnstorm.signals import SignalTracker, scrape_signals
 from turnstorm.spec import SpecError, TurnPoolSpec, parse_quantity_cpu
 
 DRAIN_STARTED = "turnstorm.io/drain-started"

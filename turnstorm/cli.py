@@ -284,7 +284,7 @@ SUBCOMMANDS.append(_add_storm)
 
 
 def _add_exporter(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from turnstorm import exporter
+    from turnstorm.relay import sidecar
 
     p = sub.add_parser(
         "exporter",
@@ -293,13 +293,13 @@ def _add_exporter(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "Relay exporter (sidecar sharing the relay's network namespace): reads "
             "allocations and sessions from coturn's admin CLI, UDP receive-buffer errors, "
             "socket drops and queues from /proc, and the relay's CPU with --pid, and "
-            "serves them on /metrics. Metric names: see turnstorm.exporter."
+            "serves them on /metrics. Metric names: see turnstorm.relay.collector."
         ),
         epilog="example: TURNSTORM_CLI_PASSWORD=... turnstorm exporter --cli 127.0.0.1:5766 "
                "--listen 0.0.0.0:9641",
     )
-    exporter.add_arguments(p)
-    p.set_defaults(func=exporter.main_run)
+    sidecar.add_arguments(p)
+    p.set_defaults(func=sidecar.main_run)
 
 
 SUBCOMMANDS.append(_add_exporter)

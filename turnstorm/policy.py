@@ -50,17 +50,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from turnstorm.signals import SIGNALS
 from turnstorm.spec import ScalingPolicy
-
-SIGNALS: dict[str, str] = {
-    "allocationsPerRelay": "allocations",
-    "bindingRatePerRelay": "binding_rate",
-    "relayedPpsPerRelay": "relayed_pps",
-    "udpRcvbufErrorsPerSecond": "udp_rcvbuf_errors",
-    "cpuUtilization": "cpu_percent",
-    "probeRttMs": "probe_rtt_ms",
-}
-"""CRD target name -> signal name in :class:`RelaySample`."""
 
 RATE_SIGNALS = ("allocations", "binding_rate")
 """Signals whose rate of change is projected forward during storms."""

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from turnstorm.client import TurnClient
-from turnstorm.exporter import read_steal_seconds
-from turnstorm.localrelay import LocalRelay
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address, Message
+from turnstorm.relay.process import LocalRelay
+from turnstorm.relay.procfs import read_steal_seconds
 
 TRANSPORTS = ("udp", "tcp")
 

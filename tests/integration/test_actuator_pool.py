@@ -10,13 +10,13 @@ import pytest
 
 from tests.conftest import require
 from tests.integration.helpers import unique_user
-from turnstorm.actuator import LocalPool, PoolError
-from turnstorm.cgroup import CgroupError, detect
 from turnstorm.client import TurnClient
 from turnstorm.errors import StunErrorResponse
-from turnstorm.exporter import find_process
 from turnstorm.policy import Decision
 from turnstorm.proto.credentials import Credentials
+from turnstorm.relay.actuator import LocalPool, PoolError
+from turnstorm.relay.cgroup import CgroupError, detect
+from turnstorm.relay.procfs import find_process
 
 pytestmark = pytest.mark.integration
 

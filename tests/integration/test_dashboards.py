@@ -29,7 +29,7 @@ import pytest
 from tests.conftest import IN_CI, require
 from tests.integration.helpers import credentials, unique_user
 from turnstorm.client import TurnClient
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
 from turnstorm.testing.controlplane import ControlPlane, cached_bin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ def test_dashboards_cover_the_issue() -> None:
 
 
 def test_every_metric_is_exported_or_listed_as_pending() -> None:
-    exported = (documented("turnstorm.exporter") | documented("turnstorm.loadgen.exporter")
+    exported = (documented("turnstorm.relay.collector") | documented("turnstorm.loadgen.exporter")
                 | documented("turnstorm.operator.metrics"))
     used = {name for path in DASHBOARDS for _, expr in queries(load(path))
             for name in metric_names(expr)}

@@ -30,10 +30,10 @@ from turnstorm.errors import (
     BadRequest,
     Unauthorized,
 )
-from turnstorm.localrelay import LocalRelay
 from turnstorm.proto import stun
 from turnstorm.proto.stun import Address, Class, Method
 from turnstorm.proto.transaction import RetransmitPolicy, TransactionTimeout
+from turnstorm.relay.process import LocalRelay
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The autoscaler loop of the local mode: relay signals -> policy -> process actuator.
 
 Every ``interval`` seconds the controller reads each relay's signals
-(:meth:`~turnstorm.actuator.LocalPool.samples`: coturn CLI allocations, kernel socket
+(:meth:`~turnstorm.relay.actuator.LocalPool.samples`: coturn CLI allocations, kernel socket
 drops, CPU against the cgroup limit), evaluates the :class:`~turnstorm.policy.Autoscaler`
 on the scenario clock (wall clock x ``time_scale``, see
 :class:`~turnstorm.localmode.scenario.LocalTiming`) and, for the autoscaled pool, applies
@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnstorm.actuator import LocalPool
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.rotation import Rotation
 from turnstorm.policy import Autoscaler, Decision, RelaySample, saturated
+from turnstorm.relay.actuator import LocalPool
 
 NOTE_EVERY = 5.0
 """Seconds between the fixed pool's "the policy would want N" notes."""

@@ -5,7 +5,7 @@ rights, Python packages), start the guard of :mod:`turnstorm.lifeline` (a run ki
 outright, SIGKILL included, leaves no relay, cgroup, Prometheus or directory behind; the
 echo peer and the phase's generator see their parent die and exit by themselves), start
 the echo peer and, if installed, a local Prometheus;
-then for each phase a fresh :class:`~turnstorm.actuator.LocalPool` at the pool's minimum
+then for each phase a fresh :class:`~turnstorm.relay.actuator.LocalPool` at the pool's minimum
 size, the autoscaler loop (:mod:`turnstorm.localmode.control`) and the Locust storm
 (:func:`turnstorm.loadgen.runner.run_locust`, same seed and shape both times). Every
 child (relays and their cgroups, echo peer, Prometheus, Locust workers) is stopped on
@@ -32,7 +32,7 @@ from turnstorm import lifeline
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.report import IDEAL, PHASES, format_table, table_rows, write_report
 from turnstorm.localmode.scenario import Scenario, ScenarioError, load_scenario
-from turnstorm.localrelay import INSTALL_HINT, free_port
+from turnstorm.relay.process import INSTALL_HINT, free_port
 
 DEFAULT_OUT = "turnstorm-out"
 PRIORITY = -10
@@ -84,7 +84,7 @@ def preflight() -> None:
                              "pip install 'turnstorm[loadgen]' matplotlib")
     if shutil.which("turnserver") is None and not os.access("/usr/bin/turnserver", os.X_OK):
         raise TurnstormError(f"turnserver not found: {INSTALL_HINT}")
-    from turnstorm.cgroup import CgroupError, detect
+    from turnstorm.relay.cgroup import CgroupError, detect
 
     try:
         hierarchy = detect()
@@ -216,11 +216,11 @@ def _storm_job(ctx: Context, phase: str, duration: float, targets: list[str]) ->
 
 
 def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
-    from turnstorm.actuator import LocalPool
     from turnstorm.localmode.control import Controller
     from turnstorm.localmode.rotation import shared_rotation
     from turnstorm.localmode.series import Row
     from turnstorm.policy import Autoscaler, StormOptions
+    from turnstorm.relay.actuator import LocalPool
 
     scenario, options = ctx.scenario, ctx.options
     spec, plan = scenario.pool, scenario.load
