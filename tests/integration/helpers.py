@@ -44,14 +44,7 @@ async def turn_client(relay: LocalRelay, transport: str,
 def record_responses(client: TurnClient) -> list[Message]:
     """Every response the client's transactions get, in order (401s and 438s included)."""
     responses: list[Message] = []
-    transact = client.transact
-
-    async def recording(request: Message, data: bytes) -> Message:
-        response = await transact(request, data)
-        responses.append(response)
-        return response
-
-    client.transact = recording  # type: ignore[method-assign]
+    client.session.on_response = responses.append
     return responses
 
 
