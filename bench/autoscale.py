@@ -76,6 +76,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from turnstorm import children
 from turnstorm.client import TurnClient
 from turnstorm.errors import TurnstormError
 from turnstorm.policy import Autoscaler, StormOptions
@@ -97,6 +98,7 @@ from turnstorm.simulate import (
     simulate,
 )
 from turnstorm.spec import ScalingBehavior, ScalingPolicy, VerticalScaling
+from turnstorm.uri import split_host_port
 
 SLO_RTT_MS = 150.0
 SLO_LOSS = 0.01
@@ -259,8 +261,7 @@ def start_echo() -> tuple[subprocess.Popen[str], Address]:
     if not line:
         echo.kill()
         raise SystemExit("the echo peer did not start")
-    host, _, port = line[-1].rpartition(":")
-    return echo, (host, int(port))
+    return echo, split_host_port(line[-1])
 
 
 LEFTOVERS: dict[str, set[str]] = {"pids": set(), "cgroups": set()}
@@ -282,12 +283,7 @@ def leftovers() -> list[str]:
 
 
 def stop_echo(echo: subprocess.Popen[str]) -> None:
-    echo.terminate()
-    try:
-        echo.wait(5)
-    except subprocess.TimeoutExpired:
-        echo.kill()
-        echo.wait()
+    children.stop(echo)
 
 
 # -- 1. calibration ---------------------------------------------------------------------------

@@ -3,13 +3,13 @@ and events out. No kopf here; handlers adapt these functions."""
 
 from __future__ import annotations
 
-import datetime
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from turnstorm.coturnconf import ConfigError
 from turnstorm.operator import render
-from turnstorm.operator.autoscale import back_in_rotation, pod_views
+from turnstorm.operator.autoscale import back_in_rotation, iso, pod_views
 from turnstorm.operator.kube import Kube, Rejected, random_password
 from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
 
@@ -33,7 +33,7 @@ class Outcome:
 
 
 def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(time.time())
 
 
 def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from turnstorm.proto.session import (
 )
 from turnstorm.proto.stun import Address, Message
 from turnstorm.proto.transaction import RetransmitPolicy, TransactionTimeout
+from turnstorm.uri import parse_host_port  # noqa: F401 - imported from here by tests/node
 
 DataHandler = Callable[[Address, bytes], None]
 
@@ -338,24 +338,3 @@ class TurnClient(StunClient):
             with contextlib.suppress(StunErrorResponse, TransactionTimeout, TurnstormError):
                 await asyncio.wait_for(self.release(), 5.0)
         self.close()
-
-
-def parse_host_port(text: str, default_port: int | None = None) -> Address:
-    """``HOST:PORT``, ``[V6]:PORT`` or (with a default port) a bare host."""
-    host, sep, port_text = text.rpartition(":")
-    if text.startswith("[") and "]" in text:
-        inside, _, rest = text[1:].partition("]")
-        host, port_text, sep = inside, rest.removeprefix(":"), ":" if rest else ""
-    elif not sep or ":" in host:
-        host, port_text = text, ""
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{text!r} needs a port, as HOST:PORT")
-        port_text = str(default_port)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r}: port must be 1-65535")
-    return host, int(port_text)

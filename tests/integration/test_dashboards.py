@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 
 from tests.conftest import IN_CI, require
 from tests.integration.helpers import credentials, unique_user
+from turnstorm import children
 from turnstorm.client import TurnClient
 from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
 from turnstorm.testing.controlplane import ControlPlane, cached_bin_dir
@@ -212,13 +212,7 @@ def hold_allocations(relay: LocalRelay, count: int, stop: threading.Event) -> th
 
 
 def stop_process(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    children.stop(process, timeout=10)
 
 
 RELAY_POD = f"""

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
+from turnstorm import children
 from turnstorm.blast import run_binding_blast
 from turnstorm.relay.collector import RelayCollector
 from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
@@ -79,11 +80,7 @@ def pod(turnserver_bin: str) -> Iterator[tuple[str, int]]:
     finally:
         if child.stdin is not None:
             child.stdin.close()
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        children.reap(child, 15)
 
 
 def test_cpu_of_the_relay_found_by_name_in_a_shared_pid_namespace(

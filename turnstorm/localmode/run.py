@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from turnstorm import lifeline
+from turnstorm import children, lifeline
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.report import IDEAL, PHASES, format_table, table_rows, write_report
 from turnstorm.localmode.scenario import Scenario, ScenarioError, load_scenario
@@ -117,14 +117,7 @@ def phase_seconds(options: Options, scenario: Scenario) -> float:
 
 
 def _stop(process: subprocess.Popen[Any], timeout: float = 5.0) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    children.stop(process, timeout=timeout)
 
 
 def start_prometheus(ctx: Context) -> subprocess.Popen[bytes] | None:

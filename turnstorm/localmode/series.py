@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from turnstorm.loadgen.metrics import bucket_bounds, total
+from turnstorm.loadgen.metrics import bucket_bounds, percentile_middle_us, total
 from turnstorm.localmode.control import PoolStatus
 
 COLUMNS = ("time_s", "phase", "phase_time_s", "users", "offered_pps", "rtt_p50_ms",
@@ -42,17 +42,8 @@ class Row:
 
 
 def percentile_ms(buckets: dict[int, int], percent: float) -> float | None:
-    count = sum(buckets.values())
-    if count <= 0:
-        return None
-    rank = max(1, math.ceil(percent / 100 * count - 1e-9))
-    seen = 0
-    for index in sorted(buckets):
-        seen += buckets[index]
-        if seen >= rank:
-            low, high = bucket_bounds(index)
-            return round((low + high) / 2 / 1000, 3)
-    return None  # pragma: no cover
+    middle = percentile_middle_us(buckets, percent)
+    return None if middle is None else round(middle / 1000, 3)
 
 
 def std_ms(buckets: dict[int, int]) -> float | None:

@@ -61,7 +61,7 @@ def serve(cli_address: tuple[str, int], password: str, listen: tuple[str, int], 
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
-    from turnstorm.client import parse_host_port
+    from turnstorm.uri import parse_host_port
 
     try:
         return parse_host_port(text)
