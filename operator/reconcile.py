@@ -9,17 +9,11 @@ from typing import Any
 
 from turnstorm.coturnconf import ConfigError
 from turnstorm.operator import render
-from turnstorm.operator.autoscale import back_in_rotation, iso, pod_views
+from turnstorm.operator.events import Event
 from turnstorm.operator.kube import Kube, Rejected, random_password
+from turnstorm.operator.pods import iso, pod_views
+from turnstorm.operator.scaling import back_in_rotation
 from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
-
-
-@dataclass
-class Event:
-    type: str
-    """Normal or Warning."""
-    reason: str
-    message: str
 
 
 @dataclass

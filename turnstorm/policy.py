@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from turnstorm.signals import SIGNALS
 from turnstorm.spec import ScalingPolicy
@@ -127,6 +128,19 @@ class Decision:
     @property
     def scale_up(self) -> int:
         return max(0, self.desired - self.active - len(self.undrain))
+
+
+class Applied(TypedDict):
+    """What an actuator did with a :class:`Decision`, relay names per action: the result
+    of the local pool's and of the operator's actuator alike."""
+
+    undrained: list[str]
+    drained: list[str]
+    removed: list[str]
+    started: list[str]
+    """Relays started; on a cluster the Deployment's new pods, not named yet
+    (``(pending-N)``)."""
+    resized: list[str]
 
 
 class Autoscaler:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.rotation import Rotation
@@ -161,8 +161,9 @@ class Controller:
             if any(done.values()) or full != self._full:
                 self.publish(full)
             if any(done.values()):
+                by_verb = cast(dict[str, list[str]], done)
                 actions = ", ".join(f"{verb} {' '.join(names)}"
-                                    for verb, names in done.items() if names)
+                                    for verb, names in by_verb.items() if names)
                 self._event(now, f"{actions}: {decision.reason}")
             desired = decision.desired
         else:

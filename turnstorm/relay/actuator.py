@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from turnstorm.errors import TurnstormError
-from turnstorm.policy import Decision, RelaySample
+from turnstorm.policy import Applied, Decision, RelaySample
 from turnstorm.relay.cgroup import CgroupError, CpuCgroup
 from turnstorm.relay.collector import Exporter, RelayCollector, collector_values
 from turnstorm.relay.coturncli import CoturnCli, CoturnCliError
@@ -331,13 +331,12 @@ class LocalPool:
                   f"{self.cpus:g} CPU")
         member.cpu_factor = factor
 
-    def apply(self, decision: Decision, now: float | None = None) -> dict[str, list[str]]:
+    def apply(self, decision: Decision, now: float | None = None) -> Applied:
         """Carry out a :class:`~turnstorm.policy.Decision`: undrain, drain, remove, start
         the relays it still asks for, then resize (a relay that cannot be resized is
         logged and keeps its CPU)."""
         now = self.clock() if now is None else now
-        done: dict[str, list[str]] = {"undrained": [], "drained": [], "removed": [],
-                                      "started": [], "resized": []}
+        done = Applied(undrained=[], drained=[], removed=[], started=[], resized=[])
         for name in decision.undrain:
             self.undrain(name)
             done["undrained"].append(name)
