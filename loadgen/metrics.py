@@ -68,6 +68,24 @@ def percentile_middle_us(buckets: Mapping[int, int], percent: float,
     return None
 
 
+def percentile_ms(buckets: Mapping[int, int], percent: float) -> float | None:
+    """:func:`percentile_middle_us` in milliseconds (3 decimals); None when empty."""
+    middle = percentile_middle_us(buckets, percent)
+    return None if middle is None else round(middle / 1000, 3)
+
+
+def std_ms(buckets: Mapping[int, int]) -> float | None:
+    """Standard deviation of bucket counts (bucket middles), milliseconds; None with
+    fewer than two samples."""
+    count = sum(buckets.values())
+    if count < 2:
+        return None
+    mids = {i: sum(bucket_bounds(i)) / 2 for i in buckets}
+    mean = sum(mids[i] * n for i, n in buckets.items()) / count
+    variance = sum(n * (mids[i] - mean) ** 2 for i, n in buckets.items()) / count
+    return round(math.sqrt(variance) / 1000, 3)
+
+
 class Histogram:
     """A sparse, mergeable log-linear histogram of durations in microseconds."""
 

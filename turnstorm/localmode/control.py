@@ -10,7 +10,7 @@ the fixed pool it evaluates too (the ``desired`` column shows what the policy wo
 but changes nothing.
 
 It runs in a thread of the orchestrator, a process apart from the load generator (see
-:mod:`turnstorm.localmode.storm`), so its coturn CLI reads and relay starts never delay
+:mod:`turnstorm.loadgen.phase`), so its coturn CLI reads and relay starts never delay
 the media pump.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from turnstorm.errors import TurnstormError
-from turnstorm.localmode.rotation import Rotation
+from turnstorm.loadgen.rotation import Rotation
 from turnstorm.policy import Autoscaler, Decision, RelaySample, saturated
 from turnstorm.relay.actuator import LocalPool
 

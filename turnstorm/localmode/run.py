@@ -15,8 +15,8 @@ the way out, on success, on a failure and on Ctrl-C/SIGTERM alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -30,6 +30,14 @@ from typing import Any
 
 from turnstorm import children, lifeline
 from turnstorm.errors import TurnstormError
+from turnstorm.loadgen.phaseio import (
+    GeneratorRow,
+    PhaseError,
+    PhaseJob,
+    PhaseResult,
+    decode,
+    encode,
+)
 from turnstorm.localmode.report import IDEAL, PHASES, format_table, table_rows, write_report
 from turnstorm.localmode.scenario import Scenario, ScenarioError, load_scenario
 from turnstorm.relay.process import INSTALL_HINT, free_port
@@ -174,23 +182,10 @@ def _wait_released(pool: Any, timeout: float = 3.0) -> None:
         time.sleep(0.2)
 
 
-def quiet_locust() -> None:
-    """Locust's INFO lines, its warning about the shapes' instant steps and the one about
-    the media pump's greenlet (not a user) stay out of the progress view."""
-    import logging
-
-    from turnstorm.loadgen.storm import configure_logging
-
-    configure_logging()
-    noise = ("spawn rate is very high", "didn't have proper args")
-    logging.getLogger("locust.runners").addFilter(
-        lambda record: not any(text in record.getMessage() for text in noise))
-
-
 # -- one phase ------------------------------------------------------------------------------
 
 
-def _storm_job(ctx: Context, phase: str, duration: float, targets: list[str]) -> str:
+def _phase_job(ctx: Context, phase: str, duration: float, targets: list[str]) -> PhaseJob:
     from turnstorm.loadgen.config import LoadgenConfig, config_to_dict
     from turnstorm.uri import parse_uri
 
@@ -199,18 +194,18 @@ def _storm_job(ctx: Context, phase: str, duration: float, targets: list[str]) ->
         targets=[parse_uri(u) for u in targets], secret=ctx.secret, peer=ctx.peer,
         session_length=plan.session, max_pps=plan.max_pps,
         binding_interval=plan.binding_interval)
-    return json.dumps({
-        "phase": phase, "config": config_to_dict(config), "shape": plan.shape,
-        "shape_params": plan.shape_params, "duration": duration, "users": plan.users,
-        "turn_weight": plan.turn_weight, "binding_weight": plan.binding_weight,
-        "cgnat": list(plan.cgnat) if plan.cgnat is not None and not options.workers else None,
-        "metrics_port": ctx.loadgen_metrics_port, "workers": options.workers,
-        "web": options.web})
+    return PhaseJob(
+        phase=phase, config=config_to_dict(config), shape=plan.shape,
+        shape_params=dict(plan.shape_params), duration=duration, users=plan.users,
+        turn_weight=plan.turn_weight, binding_weight=plan.binding_weight,
+        cgnat=list(plan.cgnat) if plan.cgnat is not None and not options.workers else None,
+        metrics_port=ctx.loadgen_metrics_port, workers=options.workers, web=options.web,
+        priority=PRIORITY)
 
 
 def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
+    from turnstorm.loadgen.rotation import shared_rotation
     from turnstorm.localmode.control import Controller
-    from turnstorm.localmode.rotation import shared_rotation
     from turnstorm.localmode.series import Row
     from turnstorm.policy import Autoscaler, StormOptions
     from turnstorm.relay.actuator import LocalPool
@@ -253,28 +248,28 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
         sizes = (f"{spec.min_replicas}-{spec.max_replicas} relays" if autoscale
                  else f"{spec.min_replicas} relay{'s' if spec.min_replicas != 1 else ''}")
         child = subprocess.Popen(
-            [sys.executable, "-m", "turnstorm.localmode.storm"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "turnstorm.loadgen.phase"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdin is not None and child.stdout is not None
-            child.stdin.write(_storm_job(ctx, phase, duration, pool.rotation()))
+            child.stdin.write(encode(_phase_job(ctx, phase, duration, pool.rotation())))
             child.stdin.close()
             progress.start_phase(f"{label} ({sizes} at {spec.cpu_cores:g} CPU)", duration)
             controller.start()
             started = time.monotonic()
             for line in child.stdout:
-                message = json.loads(line)
-                kind, data = message["kind"], message["data"]
-                if kind == "error":
-                    raise ScenarioError(f"{scenario.path}: LoadRun {plan.name}: {data}")
-                if kind == "result":
-                    result = data
+                record = decode(line)
+                if isinstance(record, PhaseError):
+                    raise ScenarioError(f"{scenario.path}: LoadRun {plan.name}: "
+                                        f"{record.message}")
+                if isinstance(record, PhaseResult):
+                    result = dataclasses.asdict(record)
                     continue
+                if not isinstance(record, GeneratorRow):
+                    raise TurnstormError(f"the load generator of phase {phase} sent a "
+                                         f"{type(record).__name__}")
                 status = controller.status
-                data.update(time_s=round(ctx.offset + data["phase_time_s"], 3),
-                            relays_active=status.active, relays_draining=status.draining,
-                            desired=status.desired, allocations=status.allocations)
-                row = Row(**data)
+                row = Row.of(record, status, ctx.offset)
                 rows.append(row)
                 progress.update(row, status, controller.events)
                 if controller.error is not None:
@@ -317,9 +312,9 @@ def run(options: Options) -> int:
     scenario = load_scenario(options.scenario)
     check_options(options)
     preflight()
+    from turnstorm.loadgen.rotation import ROTATION_ENV, SEED_ENV, shared_rotation
     from turnstorm.loadgen.storm import start_echo_process
     from turnstorm.localmode.progress import Progress
-    from turnstorm.localmode.rotation import ROTATION_ENV, SEED_ENV, shared_rotation
 
     progress = Progress(sys.stderr, rich=False if options.plain else None)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
