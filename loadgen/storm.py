@@ -13,7 +13,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +28,9 @@ from turnstorm.loadgen.config import (
     parse_peer,
     parse_targets,
 )
+from turnstorm.loadgen.echoproc import start_echo_process
 from turnstorm.loadgen.metrics import MediaStats, total
 from turnstorm.probe import load_secret as read_secret
-from turnstorm.proto.stun import Address
 from turnstorm.uri import check_target
 
 MAX_DURATION = 24 * 3600.0
@@ -306,19 +305,6 @@ def _cgnat(text: str) -> Any:
         raise ConfigError(f"{usage}; TIMEOUT (seconds a mapping lives unused) must be "
                           "a positive number")
     return Population.build(gateways, quota, timeout, hold=2.0)
-
-
-def start_echo_process() -> tuple[subprocess.Popen[str], Address]:
-    """A standalone echo peer (its own process: its CPU does not skew the generator)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "turnstorm.loadgen.echo", "--host", "127.0.0.1"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line.startswith("echo listening on "):
-        process.kill()
-        raise TurnstormError(f"the echo peer did not start: {line or 'no output'}")
-    return process, parse_peer(line.removeprefix("echo listening on "))
 
 
 def _progress_printer() -> Callable[[float, Any], None]:

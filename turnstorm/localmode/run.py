@@ -312,8 +312,8 @@ def run(options: Options) -> int:
     scenario = load_scenario(options.scenario)
     check_options(options)
     preflight()
+    from turnstorm.loadgen.echoproc import start_echo_process
     from turnstorm.loadgen.rotation import ROTATION_ENV, SEED_ENV, shared_rotation
-    from turnstorm.loadgen.storm import start_echo_process
     from turnstorm.localmode.progress import Progress
 
     progress = Progress(sys.stderr, rich=False if options.plain else None)
