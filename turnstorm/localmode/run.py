@@ -30,14 +30,7 @@ from typing import Any
 
 from turnstorm import children, lifeline
 from turnstorm.errors import TurnstormError
-from turnstorm.loadgen.phaseio import (
-    GeneratorRow,
-    PhaseError,
-    PhaseJob,
-    PhaseResult,
-    decode,
-    encode,
-)
+from turnstorm.loadgen import phaseio
 from turnstorm.localmode.report import IDEAL, PHASES, format_table, table_rows, write_report
 from turnstorm.localmode.scenario import Scenario, ScenarioError, load_scenario
 from turnstorm.relay.process import INSTALL_HINT, free_port
@@ -185,7 +178,7 @@ def _wait_released(pool: Any, timeout: float = 3.0) -> None:
 # -- one phase ------------------------------------------------------------------------------
 
 
-def _phase_job(ctx: Context, phase: str, duration: float, targets: list[str]) -> PhaseJob:
+def _phase_job(ctx: Context, phase: str, duration: float, targets: list[str]) -> phaseio.PhaseJob:
     from turnstorm.loadgen.config import LoadgenConfig, config_to_dict
     from turnstorm.uri import parse_uri
 
@@ -194,7 +187,7 @@ def _phase_job(ctx: Context, phase: str, duration: float, targets: list[str]) ->
         targets=[parse_uri(u) for u in targets], secret=ctx.secret, peer=ctx.peer,
         session_length=plan.session, max_pps=plan.max_pps,
         binding_interval=plan.binding_interval)
-    return PhaseJob(
+    return phaseio.PhaseJob(
         phase=phase, config=config_to_dict(config), shape=plan.shape,
         shape_params=dict(plan.shape_params), duration=duration, users=plan.users,
         turn_weight=plan.turn_weight, binding_weight=plan.binding_weight,
@@ -252,20 +245,20 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
             stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdin is not None and child.stdout is not None
-            child.stdin.write(encode(_phase_job(ctx, phase, duration, pool.rotation())))
+            child.stdin.write(phaseio.encode(_phase_job(ctx, phase, duration, pool.rotation())))
             child.stdin.close()
             progress.start_phase(f"{label} ({sizes} at {spec.cpu_cores:g} CPU)", duration)
             controller.start()
             started = time.monotonic()
             for line in child.stdout:
-                record = decode(line)
-                if isinstance(record, PhaseError):
+                record = phaseio.decode(line)
+                if isinstance(record, phaseio.PhaseError):
                     raise ScenarioError(f"{scenario.path}: LoadRun {plan.name}: "
                                         f"{record.message}")
-                if isinstance(record, PhaseResult):
+                if isinstance(record, phaseio.PhaseResult):
                     result = dataclasses.asdict(record)
                     continue
-                if not isinstance(record, GeneratorRow):
+                if not isinstance(record, phaseio.GeneratorRow):
                     raise TurnstormError(f"the load generator of phase {phase} sent a "
                                          f"{type(record).__name__}")
                 status = controller.status

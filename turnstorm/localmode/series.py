@@ -17,17 +17,11 @@ COLUMNS = ("time_s", "phase", "phase_time_s", "users", "offered_pps", "rtt_p50_m
 
 
 @dataclass
-class Row:
+class Row(GeneratorRow):
+    """One second of a run: the generator's figures and the pool's."""
+
     time_s: float
-    phase: str
-    phase_time_s: float
-    users: int
-    offered_pps: float
-    rtt_p50_ms: float | None
-    rtt_p99_ms: float | None
-    loss_pct: float | None
-    jitter_ms: float | None
-    """Standard deviation of that second's echo delays (the table's jitter)."""
+    """Seconds since the run began (the phases one after the other)."""
     relays_active: int
     relays_draining: int
     desired: int
@@ -40,10 +34,6 @@ class Row:
     def of(cls, generated: GeneratorRow, status: PoolStatus, offset: float) -> Row:
         """The generator's second, ``offset`` seconds after the run began, beside the
         pool's status now."""
-        return cls(time_s=round(offset + generated.phase_time_s, 3), phase=generated.phase,
-                   phase_time_s=generated.phase_time_s, users=generated.users,
-                   offered_pps=generated.offered_pps, rtt_p50_ms=generated.rtt_p50_ms,
-                   rtt_p99_ms=generated.rtt_p99_ms, loss_pct=generated.loss_pct,
-                   jitter_ms=generated.jitter_ms, relays_active=status.active,
-                   relays_draining=status.draining, desired=status.desired,
-                   allocations=status.allocations)
+        return cls(**asdict(generated), time_s=round(offset + generated.phase_time_s, 3),
+                   relays_active=status.active, relays_draining=status.draining,
+                   desired=status.desired, allocations=status.allocations)
