@@ -13,8 +13,8 @@ from typing import Any
 
 import kopf
 
-from turnstorm.operator import metrics
-from turnstorm.operator.autoscale import PoolScaler, autoscale_pool, scaler_for
+from turnstorm.operator import telemetry
+from turnstorm.operator.evaluation import PoolScaler, autoscale_pool, scaler_for
 from turnstorm.operator.kube import Kube, load_api_client
 from turnstorm.operator.reconcile import Outcome, deployment_replicas, reconcile_pool
 from turnstorm.operator.settings import Settings, timer_seconds
@@ -80,7 +80,7 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
         pending.discard(body["metadata"]["uid"])
     else:
         pending.add(body["metadata"]["uid"])
-    metrics.QUEUE_DEPTH.set(len(pending))
+    telemetry.QUEUE_DEPTH.set(len(pending))
     for key, value in outcome.status.items():
         patch.status[key] = value
     for event in outcome.events:
@@ -89,7 +89,7 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
         else:
             kopf.info(body, reason=event.reason, message=event.message)
     if outcome.retry_after is not None:
-        metrics.RETRIES.inc()
+        telemetry.RETRIES.inc()
         # Status is patched by kopf even when the handler asks for a retry.
         raise kopf.TemporaryError(outcome.status["conditions"][0]["message"],
                                   delay=outcome.retry_after)
@@ -101,9 +101,9 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
 def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     pools: set[str] = _state.setdefault("pools", set())
     pools.add(body["metadata"]["uid"])
-    metrics.POOLS.set(len(pools))
-    with metrics.RECONCILE_SECONDS.labels("reconcile").time(), \
-            metrics.RECONCILE_ERRORS.labels("reconcile").count_exceptions(Exception):
+    telemetry.POOLS.set(len(pools))
+    with telemetry.RECONCILE_SECONDS.labels("reconcile").time(), \
+            telemetry.RECONCILE_ERRORS.labels("reconcile").count_exceptions(Exception):
         outcome = reconcile_pool(kube_of(memo), dict(body), settings_of(memo).exporter_image)
     _apply_outcome(outcome, body, patch)
 
@@ -138,18 +138,18 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
     outcome = autoscale_pool(kube, spec, replicas, scaler, source, now, time.time())
     status.update(outcome.status)
     labels = (spec.namespace, spec.name)
-    metrics.DESIRED.labels(*labels).set(outcome.decision.desired)
-    metrics.DEPLOYMENT.labels(*labels).set(outcome.replicas)
-    metrics.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
-    metrics.STANDBY.labels(*labels).set(len(outcome.status.get("standbyRelays", [])))
+    telemetry.DESIRED.labels(*labels).set(outcome.decision.desired)
+    telemetry.DEPLOYMENT.labels(*labels).set(outcome.replicas)
+    telemetry.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
+    telemetry.STANDBY.labels(*labels).set(len(outcome.status.get("standbyRelays", [])))
     for signal, ratio in outcome.decision.ratios.items():
-        metrics.SATURATION.labels(*labels, signal).set(ratio)
+        telemetry.SATURATION.labels(*labels, signal).set(ratio)
     for action in SCALE_ACTIONS:  # zero series first, so increase() sees the first event
-        metrics.SCALE_EVENTS.labels(*labels, action)
+        telemetry.SCALE_EVENTS.labels(*labels, action)
     for relay, rtt in outcome.probes.items():
-        metrics.PROBE_RTT.labels(*labels, relay).set(float("nan") if rtt is None else rtt / 1000)
+        telemetry.PROBE_RTT.labels(*labels, relay).set(float("nan") if rtt is None else rtt / 1000)
     for event in outcome.events:
-        metrics.SCALE_EVENTS.labels(*labels, event.reason).inc()
+        telemetry.SCALE_EVENTS.labels(*labels, event.reason).inc()
         post = kopf.warn if event.type == "Warning" else kopf.info
         post(body, reason=event.reason, message=event.message)
 
@@ -161,8 +161,8 @@ def track(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return  # the change handler has not run yet for this generation
     raw = dict(body)
-    with metrics.RECONCILE_SECONDS.labels("track").time(), \
-            metrics.RECONCILE_ERRORS.labels("track").count_exceptions(Exception):
+    with telemetry.RECONCILE_SECONDS.labels("track").time(), \
+            telemetry.RECONCILE_ERRORS.labels("track").count_exceptions(Exception):
         try:
             spec = turnpool_from_object(raw)
         except SpecError:
@@ -192,10 +192,10 @@ def forget(body: kopf.Body, **_: Any) -> None:
     """Owned objects go with the pool (owner references); only forget it here."""
     pools: set[str] = _state.setdefault("pools", set())
     pools.discard(body["metadata"]["uid"])
-    metrics.POOLS.set(len(pools))
+    telemetry.POOLS.set(len(pools))
     pending: set[str] = _state.setdefault("pending", set())
     pending.discard(body["metadata"]["uid"])
-    metrics.QUEUE_DEPTH.set(len(pending))
+    telemetry.QUEUE_DEPTH.set(len(pending))
 
 
 @kopf.on.probe(id="pools")

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnstorm.coturnconf import ConfigError
+from turnstorm.coturnconf import RelayConfigError
 from turnstorm.operator import render
 from turnstorm.operator.events import Event
 from turnstorm.operator.kube import Kube, Rejected, random_password
@@ -105,7 +105,7 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
     try:
         applied = _apply_pool(kube, spec, owner, pods, exporter_image, outcome,
                               {("Deployment", spec.name): current})
-    except (ConfigError, Rejected) as exc:
+    except (RelayConfigError, Rejected) as exc:
         # a value the CRD schema lets through but the relay config or the apiserver's
         # Deployment schema does not: report it on the pool, do not retry in a loop
         message = str(exc)

@@ -168,7 +168,7 @@ def test_dashboards_cover_the_issue() -> None:
 
 def test_every_metric_is_exported_or_listed_as_pending() -> None:
     exported = (documented("turnstorm.relay.collector") | documented("turnstorm.loadgen.exporter")
-                | documented("turnstorm.operator.metrics"))
+                | documented("turnstorm.operator.telemetry"))
     used = {name for path in DASHBOARDS for _, expr in queries(load(path))
             for name in metric_names(expr)}
     unknown = used - exported - set(PENDING)

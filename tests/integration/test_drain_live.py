@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import require
 from tests.integration.helpers import unique_user
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import TurnClient
-from turnstorm.echo import start_echo_peer
 from turnstorm.errors import StunErrorResponse
 from turnstorm.policy import Autoscaler, StormOptions
 from turnstorm.proto.credentials import Credentials

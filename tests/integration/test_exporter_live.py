@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.helpers import credentials, unique_user
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import TurnClient
-from turnstorm.echo import start_echo_peer
 from turnstorm.relay.collector import Exporter, RelayCollector
 from turnstorm.relay.coturncli import CoturnCli, CoturnCliError
 from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import TurnClient
-from turnstorm.echo import start_echo_peer
 from turnstorm.errors import Forbidden
 from turnstorm.operator.render import CLI_PORT, deployment, turnserver_conf
 from turnstorm.proto.credentials import Credentials

@@ -22,8 +22,8 @@ from tests.integration.helpers import (
     unique_user,
     wait_until,
 )
+from turnstorm.aioecho import EchoProtocol, start_echo_peer
 from turnstorm.client import ConnectError, StunClient, TurnClient
-from turnstorm.echo import EchoProtocol, start_echo_peer
 from turnstorm.errors import (
     AllocationMismatch,
     AllocationQuotaReached,
