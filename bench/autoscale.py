@@ -49,7 +49,7 @@ relays are CPU-capped through cgroups). Three parts, all in one run:
    deleted with calls on it, the seconds it would have had to live for those calls to
    end: the replica-seconds of the same decisions without cutting a call (the baselines'
    replica-seconds are cheap partly because they cut). The verdict uses ``repl x``.
-3. **One short trace for real (measured).** A :class:`~turnstorm.actuator.LocalPool` of
+3. **One short trace for real (measured).** A :class:`~turnstorm.relay.actuator.LocalPool` of
    CPU-capped coturn relays, the real Autoscaler (ours) applied through
    ``LocalPool.apply`` every second, and generator calls: a base load, a reconnect storm
    that overloads the single relay, the scale-out, calls leaving, the drain and removal.
@@ -76,14 +76,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from turnstorm.actuator import LocalPool
+from turnstorm import children
 from turnstorm.client import TurnClient
 from turnstorm.errors import TurnstormError
-from turnstorm.exporter import read_cpu_seconds
 from turnstorm.policy import Autoscaler, StormOptions
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address
 from turnstorm.proto.transaction import TransactionTimeout
+from turnstorm.relay.actuator import LocalPool
+from turnstorm.relay.procfs import read_cpu_seconds
 from turnstorm.simulate import (
     MEDIA_PPS,
     SESSION_RELAYED_PPS,
@@ -97,6 +98,7 @@ from turnstorm.simulate import (
     simulate,
 )
 from turnstorm.spec import ScalingBehavior, ScalingPolicy, VerticalScaling
+from turnstorm.uri import split_host_port
 
 SLO_RTT_MS = 150.0
 SLO_LOSS = 0.01
@@ -259,8 +261,7 @@ def start_echo() -> tuple[subprocess.Popen[str], Address]:
     if not line:
         echo.kill()
         raise SystemExit("the echo peer did not start")
-    host, _, port = line[-1].rpartition(":")
-    return echo, (host, int(port))
+    return echo, split_host_port(line[-1])
 
 
 LEFTOVERS: dict[str, set[str]] = {"pids": set(), "cgroups": set()}
@@ -282,12 +283,7 @@ def leftovers() -> list[str]:
 
 
 def stop_echo(echo: subprocess.Popen[str]) -> None:
-    echo.terminate()
-    try:
-        echo.wait(5)
-    except subprocess.TimeoutExpired:
-        echo.kill()
-        echo.wait()
+    children.stop(echo)
 
 
 # -- 1. calibration ---------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable
 
 from turnstorm.blast import BlastResult, percentiles, run_binding_blast
-from turnstorm.exporter import read_cpu_seconds
-from turnstorm.localrelay import LocalRelay, loopback_relay_config
 from turnstorm.proto import stun
+from turnstorm.relay.process import LocalRelay, loopback_relay_config
+from turnstorm.relay.procfs import read_cpu_seconds
 
 GOAL = 120_000
 """Binding transactions/s per client core."""

@@ -65,7 +65,6 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 
-from turnstorm.exporter import read_steal_seconds
 from turnstorm.loadgen.config import LoadgenConfig
 from turnstorm.loadgen.keepalive import KeepaliveCrowd
 from turnstorm.loadgen.media import (
@@ -80,8 +79,9 @@ from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.storm import start_echo_process
 from turnstorm.loadgen.users import StunBindingUser
 from turnstorm.loadgen.wire import MEDIA_HEADER, UdpClient, clock
-from turnstorm.localrelay import LocalRelay, loopback_relay_config
 from turnstorm.proto.credentials import Credentials
+from turnstorm.relay.process import LocalRelay, loopback_relay_config
+from turnstorm.relay.procfs import read_steal_seconds
 from turnstorm.uri import parse_uri
 
 GOALS = {"a": 120_000.0, "b": 1_000.0, "c": 50_000.0, "d": 1.0}

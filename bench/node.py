@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from turnstorm.exporter import read_steal_seconds
+from turnstorm.relay.procfs import read_steal_seconds
 from turnstorm.testing import cluster
 from turnstorm.testing.node import Node, image_named, read_images
 

@@ -8,7 +8,6 @@ plain ``locust -f`` run builds it from the command-line options that
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import random
@@ -20,7 +19,7 @@ from turnstorm.errors import TurnstormError
 from turnstorm.probe import load_secret as read_secret
 from turnstorm.proto.stun import Address
 from turnstorm.proto.transaction import RetransmitPolicy
-from turnstorm.uri import ServerUri, check_target, parse_uri
+from turnstorm.uri import HostPortError, ServerUri, check_target, parse_uri, split_host_port
 
 DEFAULT_MAX_PPS = 20000.0
 """Packets per second per generator process unless the user asks for another bound."""
@@ -150,19 +149,16 @@ class LoadgenConfig:
 
 def parse_peer(text: str) -> Address:
     """``IP:PORT`` or ``[IPv6]:PORT`` (an IP literal: the peer is allow-list checked)."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") != host.endswith("]"):
-        raise ConfigError(f"peer {text!r}: unbalanced brackets; expected IP:PORT or "
-                          "[IPv6]:PORT")
-    host = host[1:-1] if host.startswith("[") else host
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"peer {text!r}: expected IP:PORT")
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"peer {text!r}: {host!r} is not an IP address (give the "
-                          "peer as an IP literal)") from None
-    return host, int(port)
+        return split_host_port(text)
+    except HostPortError as exc:
+        raise ConfigError(f"peer {text!r}: " + {
+            HostPortError.BRACKETS: "unbalanced brackets; expected IP:PORT or [IPv6]:PORT",
+            HostPortError.NO_PORT: "expected IP:PORT",
+            HostPortError.HOST: f"{exc.host!r} is not an IP address (give the peer as an "
+                                "IP literal)",
+            HostPortError.PORT: "expected IP:PORT",
+        }[exc.problem]) from None
 
 
 def parse_targets(texts: Sequence[str], allowed: Sequence[str] = ()) -> list[ServerUri]:

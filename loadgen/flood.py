@@ -30,7 +30,7 @@ from typing import Any, cast
 import gevent
 from locust.stats import bucket_response_time
 
-from turnstorm.blast import BindingPipeline, _Sender
+from turnstorm.blast import BindingPipeline, Sender, receive_batch
 from turnstorm.loadgen.metrics import EXACT_LIMIT, SUB_BUCKETS, Histogram, bucket_bounds
 from turnstorm.proto.transaction import TransactionTimeout
 
@@ -92,19 +92,18 @@ def flood(user: Any) -> None:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                        struct.pack("@ll", 0, int(RECV_BLOCK * 1e6)))
         raw.connect(user.target.address)
-        _pump(user, pipeline, raw, _Sender(cast(socket.socket, raw), True))
+        _pump(user, pipeline, raw, Sender(cast(socket.socket, raw), True))
     finally:
         raw.close()
 
 
-def _pump(user: Any, pipeline: BindingPipeline, raw: Any, sender: _Sender) -> None:
+def _pump(user: Any, pipeline: BindingPipeline, raw: Any, sender: Sender) -> None:
     state = user.state
     environment = user.environment
     histogram = state.media_for(user.target).binding_rtt
     limiter = state.limiter
     clock = time.perf_counter_ns
     recv = raw.recv
-    response = pipeline.response
     rtts = pipeline.rtts
     outstanding = pipeline.outstanding
     batch = pipeline.batch
@@ -113,15 +112,7 @@ def _pump(user: Any, pipeline: BindingPipeline, raw: Any, sender: _Sender) -> No
         while True:
             # like turnstorm.blast's fastest loop: read a batch of responses (blocking at
             # most RECV_BLOCK when none is queued), answer it with one GSO batch
-            for _ in range(min(batch, len(outstanding))):
-                try:
-                    data = recv(2048)
-                except BlockingIOError:
-                    break
-                except ConnectionRefusedError:
-                    pipeline.invalid += 1
-                    continue
-                response(data, clock())
+            receive_batch(pipeline, recv, min(batch, len(outstanding)), clock)
             now = clock()
             if now - last_flush >= FLUSH_NS:
                 _flush(environment, histogram, rtts)

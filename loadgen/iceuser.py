@@ -19,6 +19,7 @@ from gevent import subprocess as gsubprocess
 from gevent.event import AsyncResult
 from locust import task
 
+from turnstorm import children
 from turnstorm.errors import TurnstormError
 from turnstorm.loadgen.ice import SESSION_TIMEOUT
 from turnstorm.loadgen.users import _RelayUser
@@ -78,11 +79,7 @@ class IceService:
         if self.process.poll() is None:
             if self.process.stdin is not None:
                 self.process.stdin.close()  # the service finishes its sessions and exits
-            try:
-                self.process.wait(SESSION_TIMEOUT)
-            except gsubprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            children.reap(self.process, SESSION_TIMEOUT)
         self._reader.kill(block=False)
 
 

@@ -29,12 +29,10 @@ subscriber address, each allocating through the NAT. Scenarios:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from turnstorm import children
 from turnstorm.coturnconf import RelayConfig, render
 from turnstorm.errors import TurnstormError
 
@@ -191,7 +190,7 @@ class KernelCgnat:
             raise NetnsError("the echo peer did not start in the relay namespace")
         self.exec(self.relay, sys.executable, "-c", (
             "import sys, time\n"
-            "from turnstorm.localrelay import stun_ready\n"
+            "from turnstorm.relay.process import stun_ready\n"
             "deadline = time.monotonic() + 10\n"
             f"while not stun_ready({RELAY_ADDRESS!r}, {RELAY_PORT}):\n"
             "    if time.monotonic() > deadline:\n"
@@ -220,16 +219,8 @@ class KernelCgnat:
         return sum(1 for line in text.splitlines() if " udp " in f" {line} ")
 
     def close(self) -> None:
+        children.stop(*self.processes, group=True)
         for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
             if process.stdout is not None:
                 process.stdout.close()
         self.processes.clear()

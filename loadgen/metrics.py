@@ -50,6 +50,42 @@ def bucket_bounds(index: int) -> tuple[int, int]:
     return sub << shift, ((sub + 1) << shift) - 1
 
 
+def percentile_middle_us(buckets: Mapping[int, int], percent: float,
+                         count: int | None = None) -> float | None:
+    """Nearest-rank percentile of bucket counts: the middle (microseconds) of the bucket
+    holding the ceil(p/100 * n)-th smallest sample; None when there is none. ``count``
+    is the counts' sum, when known."""
+    count = sum(buckets.values()) if count is None else count
+    if count <= 0:
+        return None
+    rank = max(1, math.ceil(percent / 100 * count - 1e-9))
+    seen = 0
+    for index in sorted(buckets):
+        seen += buckets[index]
+        if seen >= rank:
+            low, high = bucket_bounds(index)
+            return (low + high) / 2
+    return None
+
+
+def percentile_ms(buckets: Mapping[int, int], percent: float) -> float | None:
+    """:func:`percentile_middle_us` in milliseconds (3 decimals); None when empty."""
+    middle = percentile_middle_us(buckets, percent)
+    return None if middle is None else round(middle / 1000, 3)
+
+
+def std_ms(buckets: Mapping[int, int]) -> float | None:
+    """Standard deviation of bucket counts (bucket middles), milliseconds; None with
+    fewer than two samples."""
+    count = sum(buckets.values())
+    if count < 2:
+        return None
+    mids = {i: sum(bucket_bounds(i)) / 2 for i in buckets}
+    mean = sum(mids[i] * n for i, n in buckets.items()) / count
+    variance = sum(n * (mids[i] - mean) ** 2 for i, n in buckets.items()) / count
+    return round(math.sqrt(variance) / 1000, 3)
+
+
 class Histogram:
     """A sparse, mergeable log-linear histogram of durations in microseconds."""
 
@@ -102,14 +138,10 @@ class Histogram:
             raise ValueError(f"percentile {percent} is outside 0-100")
         if self.count == 0:
             return 0.0
-        rank = max(1, math.ceil(percent / 100 * self.count - 1e-9))
-        seen = 0
-        for index in sorted(self.buckets):
-            seen += self.buckets[index]
-            if seen >= rank:
-                low, high = bucket_bounds(index)
-                return float(min(max((low + high) / 2, self.min_us), self.max_us))
-        return float(self.max_us)  # pragma: no cover - counts always add up to self.count
+        middle = percentile_middle_us(self.buckets, percent, self.count)
+        if middle is None:  # pragma: no cover - counts always add up to self.count
+            return float(self.max_us)
+        return float(min(max(middle, self.min_us), self.max_us))
 
     def percentile_ms(self, percent: float) -> float:
         return self.percentile_us(percent) / 1000

@@ -24,12 +24,13 @@ from locust.env import Environment
 from locust.event import Events
 from locust.runners import STATE_STOPPED
 
+from turnstorm import children
 from turnstorm.errors import TurnstormError
 from turnstorm.loadgen.config import CGNAT_KEY, ConfigError, LoadgenConfig, config_to_dict
 from turnstorm.loadgen.exporter import serve
 from turnstorm.loadgen.users import LoadgenState, install
 from turnstorm.loadgen.webui import install_media_tab
-from turnstorm.localrelay import free_port
+from turnstorm.relay.process import free_port
 
 WORKER_START_TIMEOUT = 20.0
 """Seconds the master waits for its worker processes to connect."""
@@ -211,13 +212,7 @@ def stop_workers(runner: Any, state: LoadgenState, count: int) -> None:
 
 
 def _end(process: Any) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(5)
-        except gsubprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    children.stop(process)
 
 
 def transactions(environment: Any) -> dict[str, dict[str, int]]:

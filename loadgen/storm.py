@@ -13,12 +13,12 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from turnstorm import ideal, options
 from turnstorm.errors import TurnstormError
 from turnstorm.loadgen.config import (
     DEFAULT_MAX_PPS,
@@ -28,9 +28,9 @@ from turnstorm.loadgen.config import (
     parse_peer,
     parse_targets,
 )
+from turnstorm.loadgen.echoproc import start_echo_process
 from turnstorm.loadgen.metrics import MediaStats, total
 from turnstorm.probe import load_secret as read_secret
-from turnstorm.proto.stun import Address
 from turnstorm.uri import check_target
 
 MAX_DURATION = 24 * 3600.0
@@ -41,9 +41,6 @@ calls, no successful request for ``stun`` and ``idle`` (the table is still print
 EXIT_INTERRUPTED = 130
 CALL_MIXES = ("turn", "both", "ice")
 """The ``--mix`` values whose users make calls (and so need a peer and echo media)."""
-IDEAL = {"latency": "< 150 ms", "loss": "< 1 %", "jitter": "< 20 ms",
-         "relay overhead": "0-30 ms"}
-"""The human-call column of the design's table."""
 SHAPE_PARAMS = {
     "steady": ("users", "spawn_rate"),
     "ramp": ("start_users", "end_users", "ramp_seconds"),
@@ -109,12 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on --listen-host:PORT while the storm runs "
                         "(with --workers, worker i serves PORT+1+i)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="local distributed mode: a Locust master here and N worker "
-                        "processes on loopback (default 0: users run in this process)")
-    p.add_argument("--web", type=int, nargs="?", const=8089, metavar="PORT",
-                   help="serve Locust's web UI with the Media tab on --listen-host:PORT "
-                        "(default 8089) while the storm runs")
+    options.add_workers(p, "local distributed mode: a Locust master here and N worker "
+                           "processes on loopback (default 0: users run in this process)")
+    options.add_web(p, "serve Locust's web UI with the Media tab on --listen-host:PORT "
+                       "(default 8089) while the storm runs")
     p.add_argument("--listen-host", default="127.0.0.1", metavar="ADDR",
                    help="address the metrics endpoint and the web UI bind (default "
                         "127.0.0.1; 0.0.0.0 in a pod, so Prometheus and users reach them)")
@@ -312,19 +307,6 @@ def _cgnat(text: str) -> Any:
     return Population.build(gateways, quota, timeout, hold=2.0)
 
 
-def start_echo_process() -> tuple[subprocess.Popen[str], Address]:
-    """A standalone echo peer (its own process: its CPU does not skew the generator)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "turnstorm.loadgen.echo", "--host", "127.0.0.1"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line.startswith("echo listening on "):
-        process.kill()
-        raise TurnstormError(f"the echo peer did not start: {line or 'no output'}")
-    return process, parse_peer(line.removeprefix("echo listening on "))
-
-
 def _progress_printer() -> Callable[[float, Any], None]:
     last = {"sent": 0, "t": 0.0}
 
@@ -425,19 +407,21 @@ def print_table(report: dict[str, Any]) -> None:
     missing = "n/a (no media)"
     rows = [
         ("latency (media RTT p50/p99)", f"{rtt['p50']:.2f} / {rtt['p99']:.2f} ms",
-         IDEAL["latency"], rtt["p99"] < 150),
-        ("loss", f"{report['loss_pct']:.2f} %", IDEAL["loss"], report["loss_pct"] < 1),
+         ideal.LATENCY_P99.text, ideal.LATENCY_P99.met(rtt["p99"])),
+        ("loss", f"{report['loss_pct']:.2f} %", ideal.LOSS.text,
+         ideal.LOSS.met(report["loss_pct"])),
         ("jitter (delay std; RFC 3550)",
-         f"{report['delay_std_ms']:.2f} ms; {report['jitter_ms']:.2f} ms", IDEAL["jitter"],
-         report["delay_std_ms"] < 20),
+         f"{report['delay_std_ms']:.2f} ms; {report['jitter_ms']:.2f} ms",
+         ideal.JITTER.text, ideal.JITTER.met(report["delay_std_ms"])),
         ("relay overhead", "n/a" if overhead is None else f"{overhead:.2f} ms",
-         IDEAL["relay overhead"], overhead is not None and overhead <= 30),
+         ideal.RELAY_OVERHEAD.text,
+         overhead is not None and ideal.RELAY_OVERHEAD.met(overhead)),
     ]
     if not measured:
-        rows = [(label, missing, ideal, not calls) for label, _, ideal, _ in rows]
+        rows = [(label, missing, bound, not calls) for label, _, bound, _ in rows]
     print(f"{'figure':<30}{'measured':>22}  {'ideal':<10}")
-    for label, value, ideal, ok in rows:
-        print(f"{label:<30}{value:>22}  {ideal:<10}{'' if ok else '  OUTSIDE'}")
+    for label, value, bound, ok in rows:
+        print(f"{label:<30}{value:>22}  {bound:<10}{'' if ok else '  OUTSIDE'}")
     alloc = report["allocations"]
     print(f"allocations ok {alloc['ok']}, failed {alloc['failed']}, released "
           f"{alloc['released']}; packets {report['packets']['sent']} sent, "

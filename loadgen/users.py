@@ -216,9 +216,17 @@ class _RelayUser(User):
         self.number = next(_user_numbers)
         config = self.state.config
         self.target = config.targets[self.number % len(config.targets)]
-        self.rng = random.Random(self.number)
         self.mapping: Mapping | None = None
-        self.backoff = not no_backoff(self.number, config.no_backoff_fraction)
+        self.renumber(self.number, random.Random(self.number))
+
+    def renumber(self, number: int, rng: random.Random) -> None:
+        """Be subscriber ``number`` with ``rng``: whether it backs off on retransmission
+        follows from the number (the local mode numbers each phase's users from 0, so
+        both phases replay the same subscribers)."""
+        config = self.state.config
+        self.number = number
+        self.rng = rng
+        self.backoff = not no_backoff(number, config.no_backoff_fraction)
         self.policy = (config.policy if self.backoff
                        else dataclasses.replace(config.policy, backoff=False))
         self._retransmits_key = ("retransmits_backoff" if self.backoff

@@ -1,15 +1,16 @@
 """A gevent-friendly synchronous STUN/TURN client over UDP.
 
 The asyncio client (:mod:`turnstorm.client`) cannot run inside Locust's gevent hub; this
-one reuses the same pure parts (the codec and :class:`ClientTransaction`) on a
-non-blocking UDP socket. No greenlet per client: a libev read watcher calls
-:meth:`UdpClient._readable` in the hub itself when datagrams are queued, which drains them
-and dispatches: responses to the waiting request (a gevent ``AsyncResult``) by transaction
-id, ChannelData to a callback by channel number (no greenlet switch per media packet).
-While a call's media flows, the :class:`~turnstorm.loadgen.media.MediaPump` takes the
-reading over (:meth:`UdpClient.detach_reader`) and calls :meth:`UdpClient.read_one` itself.
-Requests block only the calling greenlet. Callbacks therefore run in the hub and must not
-block.
+one drives the same sans-I/O :class:`~turnstorm.proto.session.TurnSession` (requests,
+authentication, retransmission, allocation, channels) on a non-blocking UDP socket. No
+greenlet per client: a libev read watcher calls :meth:`UdpClient._readable` in the hub
+itself when datagrams are queued, which drains them and dispatches: responses to the
+session (which completes the waiting request, a gevent ``AsyncResult``), ChannelData to a
+callback by channel number (no greenlet switch per media packet, and no session: this is
+the media hot path). While a call's media flows, the
+:class:`~turnstorm.loadgen.media.MediaPump` takes the reading over
+(:meth:`UdpClient.detach_reader`) and calls :meth:`UdpClient.read_one` itself. Requests
+block only the calling greenlet. Callbacks therefore run in the hub and must not block.
 """
 
 from __future__ import annotations
@@ -20,18 +21,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import gevent
 from gevent.event import AsyncResult
 
-from turnstorm.errors import TurnstormError, error_for
-from turnstorm.proto import stun
+from turnstorm.errors import TurnstormError
 from turnstorm.proto.auth import LongTermAuth
 from turnstorm.proto.credentials import Credentials
-from turnstorm.proto.stun import Address, Class, Message, Method
-from turnstorm.proto.transaction import ClientTransaction, RetransmitPolicy
+from turnstorm.proto.session import Allocation, PeerData, Request, TurnSession, Unparsable
+from turnstorm.proto.stun import Address, Message
+from turnstorm.proto.transaction import RetransmitPolicy
 
 ChannelHandler = Callable[[int, bytes, float], None]
 """Called with ``(channel, payload, received_at)`` for every ChannelData datagram."""
@@ -41,13 +41,6 @@ sequence number, send time (the :func:`clock`) and payload size."""
 DataHandler = Callable[[Address, bytes, float], None]
 """Called with ``(peer, data, received_at)`` for every Data indication."""
 
-METHOD_NAMES = {
-    Method.BINDING: "Binding",
-    Method.ALLOCATE: "Allocate",
-    Method.REFRESH: "Refresh",
-    Method.CREATE_PERMISSION: "CreatePermission",
-    Method.CHANNEL_BIND: "ChannelBind",
-}
 RECV_SIZE = 65535
 _CHANNEL_HEADER = struct.Struct("!HH")
 MEDIA_HEADER = struct.Struct("!Id")
@@ -69,13 +62,6 @@ clock = time.perf_counter
 
 class WireError(TurnstormError):
     """The socket failed: the server is unreachable or the client is closed."""
-
-
-@dataclass
-class Allocation:
-    relayed: Address
-    mapped: Address
-    lifetime: int
 
 
 class UdpClient:
@@ -109,25 +95,19 @@ class UdpClient:
             self.sock.close()
             raise WireError(f"cannot open UDP {_fmt(local or ('*', 0))} -> {_fmt(server)}: "
                             f"{exc.strerror or exc}") from None
-        self.auth = LongTermAuth(credentials)
-        self.allocation: Allocation | None = None
-        self.channels: dict[int, Address] = {}
+        self.session = TurnSession(credentials, policy=self.policy)
         self.on_channel_data: ChannelHandler | None = None
         self.on_echo: EchoHandler | None = None
         """When set, takes ChannelData over from ``on_channel_data``: each echoed media
         frame (payload starting with :data:`MEDIA_HEADER`) is unpacked in one go and
         handed over, with no copy of the payload; shorter ChannelData is dropped."""
         self.on_data: DataHandler | None = None
-        self.retransmits = 0
-        """Requests sent again by the retransmission timer (amplification measure)."""
         self.pace: Callable[[int], None] | None = None
         """Charged one packet before each retransmission (the process's ``--max-pps``
         limiter; it may sleep), so retransmissions stay inside the rate bound."""
         self.parse_errors = 0
         self.last_rtt = 0.0
         """RTT of the last completed transaction, seconds."""
-        self._pending: dict[bytes, AsyncResult] = {}
-        self._next_channel = stun.CHANNEL_MIN
         self._closed = False
         self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
         self._watcher.start(self._readable)
@@ -136,6 +116,27 @@ class UdpClient:
     def local_address(self) -> Address:
         host, port = self.sock.getsockname()[:2]
         return host, port
+
+    @property
+    def auth(self) -> LongTermAuth:
+        return self.session.auth
+
+    @property
+    def allocation(self) -> Allocation | None:
+        return self.session.allocation
+
+    @property
+    def channels(self) -> dict[int, Address]:
+        return self.session.channels
+
+    @property
+    def retransmits(self) -> int:
+        """Requests sent again by the retransmission timer (amplification measure)."""
+        return self.session.retransmits
+
+    @retransmits.setter
+    def retransmits(self, count: int) -> None:
+        self.session.retransmits = count
 
     # -- wire ------------------------------------------------------------------------------
 
@@ -205,20 +206,17 @@ class UdpClient:
             if handler is not None and length <= len(data) - 4:
                 handler(channel, data[4:4 + length], now)
             return
-        try:
-            message = stun.parse(data)
-        except stun.StunParseError:
+        event = self.session.receive(data, now)
+        if isinstance(event, PeerData):
+            if self.on_data is not None:
+                self.on_data(event.peer, event.data, now)
+        elif isinstance(event, Unparsable):
             self.parse_errors += 1
-            return
-        if message.message_class in (Class.RESPONSE, Class.ERROR):
-            waiter = self._pending.get(message.transaction_id)
-            if waiter is not None and not waiter.ready():
-                waiter.set((message, now))
-        elif message.method == Method.DATA and self.on_data is not None:
-            peer = message.attributes.get("XOR-PEER-ADDRESS")
-            payload = message.attributes.get("DATA")
-            if peer is not None and payload is not None:
-                self.on_data(peer, payload, now)
+        elif event is None:  # a response: an authenticated retry may be queued
+            try:
+                self._send_queued()
+            except WireError as exc:
+                self._fail_all(exc)
 
     def detach_reader(self) -> None:
         """Stop the hub's read watcher: somebody else calls :meth:`read_one` now."""
@@ -231,132 +229,86 @@ class UdpClient:
             self._watcher.start(self._readable)
 
     def _fail_all(self, exc: Exception) -> None:
-        for waiter in self._pending.values():
-            if not waiter.ready():
-                waiter.set_exception(exc)
+        self.session.fail_all(exc)
+
+    def _send_queued(self) -> None:
+        for data in self.session.send(clock()):
+            self.send_raw(data)
 
     # -- transactions ----------------------------------------------------------------------
 
-    def transact(self, request: Message, data: bytes) -> tuple[Message, float]:
-        """Send ``data`` (the encoded ``request``) with retransmissions per the policy.
-
-        Returns the response and the RTT in seconds measured from the last send.
-        Raises :class:`TransactionTimeout` when the schedule runs out.
-        """
-        name = METHOD_NAMES.get(Method(request.method), "request")
-        transaction = ClientTransaction(name, policy=self.policy)
+    def complete(self, request: Request) -> Request:
+        """Send ``request`` (just started on the session), retransmitting per the policy,
+        and block this greenlet until it completes; its error is raised. Its ``rtt`` is
+        measured from the last send, and kept in :attr:`last_rtt`."""
         waiter = AsyncResult()
-        tid = request.transaction_id
-        self._pending[tid] = waiter
+        request.on_done = waiter.set
+        session = self.session
         try:
-            sent_at = clock()
-            transaction.start(sent_at)
-            self.send_raw(data)
-            while True:
-                deadline = transaction.deadline
+            self._send_queued()
+            while not waiter.ready():
+                deadline = session.deadline
                 assert deadline is not None
-                waiter.wait(max(0.0, deadline - clock()))
-                if waiter.ready():
-                    message, received_at = waiter.get()
-                    transaction.on_response()
-                    self.last_rtt = received_at - sent_at
-                    return message, self.last_rtt
-                if transaction.on_timer(clock()):
-                    self.retransmits += 1
-                    if self.pace is not None:
-                        self.pace(1)
-                    sent_at = clock()
-                    self.send_raw(data)
+                if waiter.wait(max(0.0, deadline - clock())) is not None:
+                    break
+                again = session.timer(clock())
+                if again and self.pace is not None:
+                    self.pace(again)
+                self._send_queued()
         finally:
-            self._pending.pop(tid, None)
+            if not request.done:
+                session.abandon(request)
+        request.result()
+        self.last_rtt = request.rtt
+        return request
 
     def request(self, request: Message, key: bytes | None = None) -> tuple[Message, float]:
         """An unauthenticated request; error responses raise their specific error."""
-        response, rtt = self.transact(request, request.encode(key, fingerprint=True))
-        if response.message_class == Class.ERROR:
-            raise _error(request, response)
-        return response, rtt
+        done = self.complete(self.session.start(request, authenticate=False, key=key))
+        return done.result(), done.rtt
 
     def binding(self) -> tuple[Address, float]:
         """One Binding transaction: the server-reflexive address and the RTT in seconds."""
-        response, rtt = self.request(Message(Method.BINDING, Class.REQUEST))
-        mapped = response.attributes.get("XOR-MAPPED-ADDRESS") or response.attributes.get(
-            "MAPPED-ADDRESS")
-        if mapped is None:
-            raise TurnstormError("Binding response has no XOR-MAPPED-ADDRESS")
-        return mapped, rtt
+        done = self.complete(self.session.binding())
+        assert done.mapped is not None
+        return done.mapped, done.rtt
 
     def auth_request(self, request: Message) -> tuple[Message, float]:
         """Send ``request`` with long-term credentials, learning REALM/NONCE as needed.
 
         The RTT returned is the one of the final (successful) transaction.
         """
-        method = METHOD_NAMES.get(Method(request.method), "request")
-        attempt = self.auth.attempt(method)
-        while True:
-            key = self.auth.sign(request)
-            response, rtt = self.transact(request, request.encode(key, fingerprint=True))
-            if response.message_class != Class.ERROR:
-                return response, rtt
-            request = attempt.retry(request, response, signed=key is not None)
+        done = self.complete(self.session.start(request))
+        return done.result(), done.rtt
 
     # -- TURN operations --------------------------------------------------------------------
 
     def allocate(self, lifetime: int | None = None) -> tuple[Allocation, float]:
-        attributes: dict[str, Any] = {"REQUESTED-TRANSPORT": stun.UDP_TRANSPORT}
-        if lifetime is not None:
-            attributes["LIFETIME"] = lifetime
-        response, rtt = self.auth_request(Message(Method.ALLOCATE, Class.REQUEST,
-                                                  attributes=attributes))
-        for name in ("XOR-RELAYED-ADDRESS", "XOR-MAPPED-ADDRESS", "LIFETIME"):
-            if name not in response.attributes:
-                raise TurnstormError(f"Allocate response has no {name}")
-        self.allocation = Allocation(
-            relayed=response.attributes["XOR-RELAYED-ADDRESS"],
-            mapped=response.attributes["XOR-MAPPED-ADDRESS"],
-            lifetime=response.attributes["LIFETIME"],
-        )
-        return self.allocation, rtt
+        done = self.complete(self.session.allocate(lifetime))
+        assert self.session.allocation is not None
+        return self.session.allocation, done.rtt
 
     def refresh(self, lifetime: int | None = None) -> tuple[int, float]:
         """Refresh the allocation; ``lifetime=0`` releases it. Returns (granted, rtt)."""
-        attributes: dict[str, Any] = {}
-        if lifetime is not None:
-            attributes["LIFETIME"] = lifetime
-        response, rtt = self.auth_request(Message(Method.REFRESH, Class.REQUEST,
-                                                  attributes=attributes))
-        granted: int = response.attributes.get("LIFETIME", 0 if lifetime == 0 else -1)
-        if self.allocation is not None:
-            self.allocation.lifetime = granted
-        if lifetime == 0:
-            self.allocation = None
-        return granted, rtt
+        done = self.complete(self.session.refresh(lifetime))
+        assert done.lifetime is not None
+        return done.lifetime, done.rtt
 
     def create_permission(self, peer: Address) -> float:
-        _, rtt = self.auth_request(Message(Method.CREATE_PERMISSION, Class.REQUEST,
-                                           attributes={"XOR-PEER-ADDRESS": peer}))
-        return rtt
+        return self.complete(self.session.create_permission(peer)).rtt
 
     def channel_bind(self, peer: Address, channel: int | None = None) -> tuple[int, float]:
         """Bind (or refresh, with the same ``channel``) a channel to ``peer``."""
-        if channel is None:
-            if self._next_channel > stun.CHANNEL_MAX:
-                raise TurnstormError("all 4096 channel numbers are in use")
-            channel = self._next_channel
-            self._next_channel += 1
-        _, rtt = self.auth_request(Message(Method.CHANNEL_BIND, Class.REQUEST, attributes={
-            "CHANNEL-NUMBER": channel, "XOR-PEER-ADDRESS": peer,
-        }))
-        self.channels[channel] = peer
-        return channel, rtt
+        done = self.complete(self.session.channel_bind(peer, channel))
+        assert done.channel is not None
+        return done.channel, done.rtt
 
     def send_channel(self, channel: int, payload: bytes) -> None:
         """One ChannelData datagram (no validation: the hot path of media)."""
         self.send_raw(_CHANNEL_HEADER.pack(channel, len(payload)) + payload)
 
     def send_indication(self, peer: Address, data: bytes) -> None:
-        self.send_raw(Message(Method.SEND, Class.INDICATION, attributes={
-            "XOR-PEER-ADDRESS": peer, "DATA": data}).encode())
+        self.send_raw(self.session.send_indication(peer, data))
 
     def close(self) -> None:
         """Close without releasing (see :meth:`release_and_close`)."""
@@ -380,11 +332,6 @@ class UdpClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _error(request: Message, response: Message) -> Exception:
-    code, reason = response.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
-    return error_for(METHOD_NAMES.get(Method(request.method), "request"), code, reason)
 
 
 def _fmt(address: tuple[str, int]) -> str:

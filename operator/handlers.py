@@ -13,55 +13,55 @@ from typing import Any
 
 import kopf
 
-from turnstorm.operator import metrics
-from turnstorm.operator.autoscale import (
-    ExporterScraper,
-    PoolScaler,
-    PrometheusSource,
-    SignalSource,
-    autoscale_pool,
-    scaler_for,
-)
+from turnstorm.operator import telemetry
+from turnstorm.operator.evaluation import PoolScaler, autoscale_pool, scaler_for
 from turnstorm.operator.kube import Kube, load_api_client
 from turnstorm.operator.reconcile import Outcome, deployment_replicas, reconcile_pool
-from turnstorm.operator.render import DEFAULT_EXPORTER_IMAGE
+from turnstorm.operator.settings import Settings, timer_seconds
+from turnstorm.operator.sources import signal_source
 from turnstorm.spec import GROUP, VERSION, SpecError, TurnPoolSpec, turnpool_from_object
 
-TIMER_SECONDS = float(os.environ.get("TURNSTORM_TIMER_SECONDS", "5"))
+TIMER_SECONDS = timer_seconds()
 """How often each pool's timer wakes; the policy runs every spec.metrics.intervalSeconds."""
 
 SCALE_ACTIONS = ("ScaleUp", "ScaleDown", "Drain", "Undrain", "Remove", "Delete")
 
 _state: dict[str, Any] = {}
+"""Operator-wide bookkeeping for the metrics: pools seen, pools waiting for a retry."""
 
 
-def kube() -> Kube:
-    if "kube" not in _state:
-        _state["kube"] = Kube(load_api_client(os.environ.get("TURNSTORM_KUBECONFIG")))
-    result: Kube = _state["kube"]
-    return result
+def settings_of(memo: kopf.Memo) -> Settings:
+    settings: Settings = memo.settings
+    return settings
 
 
-def exporter_image() -> str:
-    return os.environ.get("TURNSTORM_EXPORTER_IMAGE", DEFAULT_EXPORTER_IMAGE)
+def kube_of(memo: kopf.Memo) -> Kube:
+    """The one API gateway, made at startup with the settings' kubeconfig."""
+    kube: Kube = memo.kube
+    return kube
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     """The official client's login (in-cluster, else the kubeconfig with every auth
-    plugin), with $KUBECONFIG read now: the client library reads it once, when it is
-    first imported, which may be before the variable was set."""
+    plugin): the settings' kubeconfig, or $KUBECONFIG read now (the client library reads
+    it once, when it is first imported, which may be before the variable was set)."""
     import kubernetes
 
-    path = os.environ.get("KUBECONFIG")
+    path = settings_of(memo).kubeconfig or os.environ.get("KUBECONFIG")
     if path:
         kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
-    info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+    info: kopf.ConnectionInfo | None = kopf.login_via_client(memo=memo, **kwargs)
     return info
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # `turnstorm operator` passes its settings in the memo; `kopf run` (the tests) does
+    # not, and then the environment has them.
+    if not isinstance(memo.get("settings"), Settings):
+        memo.settings = Settings.from_environment()
+    memo.kube = Kube(load_api_client(memo.settings.kubeconfig))
     # Bounded watches: a silently dead connection is noticed within a minute.
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 70
@@ -80,7 +80,7 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
         pending.discard(body["metadata"]["uid"])
     else:
         pending.add(body["metadata"]["uid"])
-    metrics.QUEUE_DEPTH.set(len(pending))
+    telemetry.QUEUE_DEPTH.set(len(pending))
     for key, value in outcome.status.items():
         patch.status[key] = value
     for event in outcome.events:
@@ -89,7 +89,7 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
         else:
             kopf.info(body, reason=event.reason, message=event.message)
     if outcome.retry_after is not None:
-        metrics.RETRIES.inc()
+        telemetry.RETRIES.inc()
         # Status is patched by kopf even when the handler asks for a retry.
         raise kopf.TemporaryError(outcome.status["conditions"][0]["message"],
                                   delay=outcome.retry_after)
@@ -98,20 +98,14 @@ def _apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None
 @kopf.on.resume(GROUP, VERSION, "turnpools")
 @kopf.on.create(GROUP, VERSION, "turnpools")
 @kopf.on.update(GROUP, VERSION, "turnpools")
-def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     pools: set[str] = _state.setdefault("pools", set())
     pools.add(body["metadata"]["uid"])
-    metrics.POOLS.set(len(pools))
-    with metrics.RECONCILE_SECONDS.labels("reconcile").time(), \
-            metrics.RECONCILE_ERRORS.labels("reconcile").count_exceptions(Exception):
-        outcome = reconcile_pool(kube(), dict(body), exporter_image())
+    telemetry.POOLS.set(len(pools))
+    with telemetry.RECONCILE_SECONDS.labels("reconcile").time(), \
+            telemetry.RECONCILE_ERRORS.labels("reconcile").count_exceptions(Exception):
+        outcome = reconcile_pool(kube_of(memo), dict(body), settings_of(memo).exporter_image)
     _apply_outcome(outcome, body, patch)
-
-
-def signal_source(spec: TurnPoolSpec) -> SignalSource | None:
-    if spec.metrics_source == "prometheus":
-        return PrometheusSource(spec.prometheus_url) if spec.prometheus_url else None
-    return ExporterScraper()
 
 
 def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
@@ -123,7 +117,8 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
     if now - scaler.last_eval < spec.interval_seconds - 0.05:
         return
     scaler.last_eval = now
-    deployment = kube().get("apps/v1", "Deployment", spec.namespace, spec.name)
+    kube = kube_of(memo)
+    deployment = kube.get("apps/v1", "Deployment", spec.namespace, spec.name)
     if deployment is None:
         return
     surplus = (int((deployment.get("status") or {}).get("replicas") or 0)
@@ -140,22 +135,23 @@ def _autoscale(body: kopf.Body, spec: TurnPoolSpec, memo: kopf.Memo,
                                  "is unset: holding size"
         return
     replicas = int(deployment["spec"].get("replicas") or deployment_replicas(spec, status))
-    outcome = autoscale_pool(kube(), spec, replicas, scaler, source, now, time.time())
+    outcome = autoscale_pool(kube, spec, replicas, scaler, source, now, time.time())
     status.update(outcome.status)
     labels = (spec.namespace, spec.name)
-    metrics.DESIRED.labels(*labels).set(outcome.decision.desired)
-    metrics.DEPLOYMENT.labels(*labels).set(outcome.replicas)
-    metrics.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
-    metrics.STANDBY.labels(*labels).set(len(outcome.status.get("standbyRelays", [])))
+    telemetry.DESIRED.labels(*labels).set(outcome.decision.desired)
+    telemetry.DEPLOYMENT.labels(*labels).set(outcome.replicas)
+    telemetry.DRAINING.labels(*labels).set(len(outcome.status["drainingRelays"]))
+    telemetry.STANDBY.labels(*labels).set(len(outcome.status.get("standbyRelays", [])))
     for signal, ratio in outcome.decision.ratios.items():
-        metrics.SATURATION.labels(*labels, signal).set(ratio)
+        telemetry.SATURATION.labels(*labels, signal).set(ratio)
     for action in SCALE_ACTIONS:  # zero series first, so increase() sees the first event
-        metrics.SCALE_EVENTS.labels(*labels, action)
+        telemetry.SCALE_EVENTS.labels(*labels, action)
     for relay, rtt in outcome.probes.items():
-        metrics.PROBE_RTT.labels(*labels, relay).set(float("nan") if rtt is None else rtt / 1000)
-    for kind, reason, message in outcome.events:
-        metrics.SCALE_EVENTS.labels(*labels, reason).inc()
-        (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
+        telemetry.PROBE_RTT.labels(*labels, relay).set(float("nan") if rtt is None else rtt / 1000)
+    for event in outcome.events:
+        telemetry.SCALE_EVENTS.labels(*labels, event.reason).inc()
+        post = kopf.warn if event.type == "Warning" else kopf.info
+        post(body, reason=event.reason, message=event.message)
 
 
 @kopf.timer(GROUP, VERSION, "turnpools", interval=TIMER_SECONDS, initial_delay=1.0, idle=0)
@@ -165,8 +161,8 @@ def track(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return  # the change handler has not run yet for this generation
     raw = dict(body)
-    with metrics.RECONCILE_SECONDS.labels("track").time(), \
-            metrics.RECONCILE_ERRORS.labels("track").count_exceptions(Exception):
+    with telemetry.RECONCILE_SECONDS.labels("track").time(), \
+            telemetry.RECONCILE_ERRORS.labels("track").count_exceptions(Exception):
         try:
             spec = turnpool_from_object(raw)
         except SpecError:
@@ -180,7 +176,7 @@ def track(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None
                 if before.get(key) != value:
                     patch.status[key] = value
             raw["status"] = status
-        outcome = reconcile_pool(kube(), raw, exporter_image())
+        outcome = reconcile_pool(kube_of(memo), raw, settings_of(memo).exporter_image)
     outcome.events = [e for e in outcome.events if e.type == "Warning"
                       and e.reason != "SecretMissing"]
     outcome.retry_after = None
@@ -196,10 +192,10 @@ def forget(body: kopf.Body, **_: Any) -> None:
     """Owned objects go with the pool (owner references); only forget it here."""
     pools: set[str] = _state.setdefault("pools", set())
     pools.discard(body["metadata"]["uid"])
-    metrics.POOLS.set(len(pools))
+    telemetry.POOLS.set(len(pools))
     pending: set[str] = _state.setdefault("pending", set())
     pending.discard(body["metadata"]["uid"])
-    metrics.QUEUE_DEPTH.set(len(pending))
+    telemetry.QUEUE_DEPTH.set(len(pending))
 
 
 @kopf.on.probe(id="pools")

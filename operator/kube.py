@@ -41,6 +41,10 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+class ResizeRefused(TurnstormError):
+    """The apiserver (or this kubernetes client) cannot resize a pod in place."""
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
@@ -136,7 +140,17 @@ class Kube:
         subresource, Kubernetes 1.33+); the kubelet applies it without a restart."""
         body = {"spec": {"containers": [{"name": container, "resources": {
             "requests": {"cpu": cpu}, "limits": {"cpu": cpu}}}]}}
-        self.core.patch_namespaced_pod_resize(name, namespace, body)
+        resize = getattr(self.core, "patch_namespaced_pod_resize", None)
+        if resize is None:  # a kubernetes client older than the resize subresource
+            raise ResizeRefused("this kubernetes client has no pods/resize call")
+        try:
+            resize(name, namespace, body)
+        except ApiException as exc:
+            raise ResizeRefused(f"{exc.status} {exc.reason}") from None
+
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        """Set a Deployment's ``spec.replicas`` (a merge patch of that field alone)."""
+        self.apps.patch_namespaced_deployment(name, namespace, {"spec": {"replicas": replicas}})
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 from typing import Any, cast
@@ -10,12 +11,13 @@ from typing import Any, cast
 
 def run(*, namespace: str | None, liveness: str | None, kubeconfig: str | None,
         exporter_image: str | None, metrics_port: int | None = None) -> None:
-    if kubeconfig:
-        os.environ["TURNSTORM_KUBECONFIG"] = kubeconfig
-        os.environ["KUBECONFIG"] = kubeconfig
-    if exporter_image:
-        os.environ["TURNSTORM_EXPORTER_IMAGE"] = exporter_image
     import kopf
+
+    from turnstorm.operator.settings import Settings
+
+    settings = Settings.from_environment()
+    settings = dataclasses.replace(settings, kubeconfig=kubeconfig or settings.kubeconfig,
+                                   exporter_image=exporter_image or settings.exporter_image)
 
     if metrics_port:
         from prometheus_client import start_http_server
@@ -33,4 +35,5 @@ def run(*, namespace: str | None, liveness: str | None, kubeconfig: str | None,
         namespaces=[namespace] if namespace else (),
         liveness_endpoint=liveness,
         standalone=True,
+        memo=kopf.Memo(settings=settings),
     ))

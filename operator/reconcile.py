@@ -3,23 +3,17 @@ and events out. No kopf here; handlers adapt these functions."""
 
 from __future__ import annotations
 
-import datetime
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnstorm.coturnconf import ConfigError
+from turnstorm.coturnconf import RelayConfigError
 from turnstorm.operator import render
-from turnstorm.operator.autoscale import back_in_rotation, pod_views
+from turnstorm.operator.events import Event
 from turnstorm.operator.kube import Kube, Rejected, random_password
+from turnstorm.operator.pods import iso, pod_views
+from turnstorm.operator.scaling import back_in_rotation
 from turnstorm.spec import SpecError, TurnPoolSpec, turnpool_from_object
-
-
-@dataclass
-class Event:
-    type: str
-    """Normal or Warning."""
-    reason: str
-    message: str
 
 
 @dataclass
@@ -33,7 +27,7 @@ class Outcome:
 
 
 def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(time.time())
 
 
 def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int,
@@ -111,7 +105,7 @@ def reconcile_pool(kube: Kube, body: dict[str, Any], exporter_image: str) -> Out
     try:
         applied = _apply_pool(kube, spec, owner, pods, exporter_image, outcome,
                               {("Deployment", spec.name): current})
-    except (ConfigError, Rejected) as exc:
+    except (RelayConfigError, Rejected) as exc:
         # a value the CRD schema lets through but the relay config or the apiserver's
         # Deployment schema does not: report it on the pool, do not retry in a loop
         message = str(exc)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from turnstorm.localrelay import INSTALL_HINT, LocalRelay, loopback_relay_config
+from turnstorm.relay.process import INSTALL_HINT, LocalRelay, loopback_relay_config
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

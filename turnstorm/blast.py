@@ -26,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from turnstorm.proto import stun
@@ -223,7 +224,7 @@ class _Budget:
         return max(0, int((1 - self.tokens) * 1e9 / self.rate))
 
 
-class _Sender:
+class Sender:
     """Sends request batches on one connected socket, by UDP GSO when the kernel takes it."""
 
     def __init__(self, sock: socket.socket, gso: bool) -> None:
@@ -248,6 +249,23 @@ class _Sender:
             pass  # the requests time out and count as lost
 
 
+def receive_batch(pipeline: BindingPipeline, recv: Callable[[int], bytes], limit: int,
+                  clock: Callable[[], int]) -> None:
+    """Read and match up to ``limit`` responses with ``recv``, each stamped ``clock()``;
+    stop early when none is queued (a non-blocking socket's, or a receive timeout's,
+    BlockingIOError). An ICMP port unreachable counts as invalid."""
+    response = pipeline.response
+    for _ in range(limit):
+        try:
+            data = recv(2048)
+        except BlockingIOError:
+            break
+        except ConnectionRefusedError:
+            pipeline.invalid += 1
+            continue
+        response(data, clock())
+
+
 def _connect(host: str, port: int, count: int, tick_ns: int) -> list[socket.socket]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     timeval = struct.pack("@ll", tick_ns // 1_000_000_000, tick_ns % 1_000_000_000 // 1000)
@@ -264,7 +282,7 @@ def _connect(host: str, port: int, count: int, tick_ns: int) -> list[socket.sock
     return socks
 
 
-def _refill(pipeline: BindingPipeline, budget: _Budget, sender: _Sender, now: int,
+def _refill(pipeline: BindingPipeline, budget: _Budget, sender: Sender, now: int,
             sending: bool) -> None:
     while sending:
         count = min(pipeline.room(), budget.allowed(now))
@@ -274,41 +292,32 @@ def _refill(pipeline: BindingPipeline, budget: _Budget, sender: _Sender, now: in
         sender.send(pipeline.requests(count, now))
 
 
-def _run_blocking(pipeline: BindingPipeline, budget: _Budget, sender: _Sender) -> None:
+def _run_blocking(pipeline: BindingPipeline, budget: _Budget, sender: Sender) -> None:
     """One blocking socket, no rate cap: read a batch of responses, answer with one send.
 
     The fastest loop per CPU-second: one ``recv`` per response and nothing else.
     """
     clock = time.perf_counter_ns
     recv = sender.sock.recv
-    response = pipeline.response
     outstanding = pipeline.outstanding
     sending = True
     _refill(pipeline, budget, sender, clock(), sending)
     while sending or outstanding:
-        for _ in range(min(pipeline.batch, len(outstanding))):
-            try:
-                data = recv(2048)
-            except BlockingIOError:  # SO_RCVTIMEO tick: nothing arrived for a while
-                break
-            except ConnectionRefusedError:
-                pipeline.invalid += 1
-                continue
-            response(data, clock())
+        # returns early on an SO_RCVTIMEO tick: nothing arrived for a while
+        receive_batch(pipeline, recv, min(pipeline.batch, len(outstanding)), clock)
         now = clock()
         pipeline.expire(now)
         sending = sending and not budget.finished(now)
         _refill(pipeline, budget, sender, now, sending)
 
 
-def _run_polled(pipeline: BindingPipeline, budget: _Budget, senders: list[_Sender]) -> None:
+def _run_polled(pipeline: BindingPipeline, budget: _Budget, senders: list[Sender]) -> None:
     """Non-blocking sockets behind one epoll; each answers its own responses.
 
     Used for several sockets or a rate cap: the poll also wakes up when the next token of
     the bucket is due, so the pacing does not wait for responses.
     """
     clock = time.perf_counter_ns
-    response = pipeline.response
     outstanding = pipeline.outstanding
     by_fd = {sender.sock.fileno(): sender for sender in senders}
     poller = select.epoll()
@@ -324,16 +333,7 @@ def _run_polled(pipeline: BindingPipeline, budget: _Budget, senders: list[_Sende
                 timeout = min(timeout, max(budget.wait_ns(), 1000))
             for fd, _ in poller.poll(timeout / 1e9):
                 sender = by_fd[fd]
-                recv = sender.sock.recv
-                for _ in range(pipeline.batch):
-                    try:
-                        data = recv(2048)
-                    except BlockingIOError:
-                        break
-                    except ConnectionRefusedError:
-                        pipeline.invalid += 1
-                        continue
-                    response(data, clock())
+                receive_batch(pipeline, sender.sock.recv, pipeline.batch, clock)
                 now = clock()
                 sending = sending and not budget.finished(now)
                 _refill(pipeline, budget, sender, now, sending)
@@ -376,7 +376,7 @@ def run_binding_blast(
     pipeline = BindingPipeline(window=window, batch=batch, timeout=timeout)
     socks = _connect(host, port, sockets, max(1_000_000, min(_TICK_NS, pipeline.timeout_ns // 4)))
     gso = sys.platform == "linux"
-    senders = [_Sender(sock, gso) for sock in socks]
+    senders = [Sender(sock, gso) for sock in socks]
     try:
         cpu0 = time.process_time()
         start = time.perf_counter_ns()

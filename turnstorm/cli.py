@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from turnstorm import __version__
+from turnstorm import __version__, options
 from turnstorm.errors import TurnstormError
 from turnstorm.proto.transaction import TransactionTimeout
 
@@ -59,10 +59,9 @@ def _add_probe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from turnstorm.client import parse_host_port
     from turnstorm.probe import load_secret, probe
     from turnstorm.proto.credentials import Credentials
-    from turnstorm.uri import check_target, parse_uri
+    from turnstorm.uri import check_target, parse_host_port, parse_uri
 
     if args.timeout <= 0:
         raise TurnstormError("--timeout must be positive")
@@ -133,12 +132,10 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "spec.durationSeconds)")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the simulated subscribers; both phases use it (default 1)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="spread the users over N local Locust worker processes (default 0: "
-                        "all in the one generator process; the CGNAT emulation needs 0)")
-    p.add_argument("--web", type=int, nargs="?", const=8089, metavar="PORT",
-                   help="serve the Locust web UI with the Media tab on 127.0.0.1:PORT "
-                        "(default 8089) during each phase")
+    options.add_workers(p, "spread the users over N local Locust worker processes (default "
+                           "0: all in the one generator process; the CGNAT emulation needs 0)")
+    options.add_web(p, "serve the Locust web UI with the Media tab on 127.0.0.1:PORT "
+                       "(default 8089) during each phase")
     p.add_argument("--time-scale", type=float, metavar="FACTOR",
                    help="run the autoscaler's clock FACTOR times faster than the wall "
                         "clock, so the TurnPool's periods, windows and drain deadline fit a "
@@ -284,7 +281,7 @@ SUBCOMMANDS.append(_add_storm)
 
 
 def _add_exporter(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from turnstorm import exporter
+    from turnstorm.relay import sidecar
 
     p = sub.add_parser(
         "exporter",
@@ -293,13 +290,13 @@ def _add_exporter(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "Relay exporter (sidecar sharing the relay's network namespace): reads "
             "allocations and sessions from coturn's admin CLI, UDP receive-buffer errors, "
             "socket drops and queues from /proc, and the relay's CPU with --pid, and "
-            "serves them on /metrics. Metric names: see turnstorm.exporter."
+            "serves them on /metrics. Metric names: see turnstorm.relay.collector."
         ),
         epilog="example: TURNSTORM_CLI_PASSWORD=... turnstorm exporter --cli 127.0.0.1:5766 "
                "--listen 0.0.0.0:9641",
     )
-    exporter.add_arguments(p)
-    p.set_defaults(func=exporter.main_run)
+    sidecar.add_arguments(p)
+    p.set_defaults(func=sidecar.main_run)
 
 
 SUBCOMMANDS.append(_add_exporter)

@@ -1,49 +1,40 @@
 """asyncio STUN/TURN client sessions over UDP and TCP.
 
-A thin I/O shell around :mod:`turnstorm.proto`: the codec builds and parses messages, a
-:class:`~turnstorm.proto.transaction.ClientTransaction` per request decides when to
-retransmit, and this module only moves bytes and arms timers on the loop clock.
+A thin I/O shell around :class:`turnstorm.proto.session.TurnSession`, which builds the
+requests, decides when to retransmit and authenticate and reads the responses: this
+module only moves bytes and arms one timer on the loop clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from turnstorm.errors import StunErrorResponse, TurnstormError, error_for
+from turnstorm.errors import StunErrorResponse, TurnstormError
 from turnstorm.proto import stun
 from turnstorm.proto.auth import LongTermAuth
 from turnstorm.proto.credentials import Credentials
-from turnstorm.proto.stun import Address, Class, Message, Method
-from turnstorm.proto.transaction import ClientTransaction, RetransmitPolicy, TransactionTimeout
+from turnstorm.proto.session import (
+    Allocation,
+    Indication,
+    PeerData,
+    Request,
+    TurnSession,
+    Unparsable,
+)
+from turnstorm.proto.stun import Address, Message
+from turnstorm.proto.transaction import RetransmitPolicy, TransactionTimeout
+from turnstorm.uri import parse_host_port  # noqa: F401 - imported from here by tests/node
 
 DataHandler = Callable[[Address, bytes], None]
-
-METHOD_NAMES = {
-    Method.BINDING: "Binding",
-    Method.ALLOCATE: "Allocate",
-    Method.REFRESH: "Refresh",
-    Method.CREATE_PERMISSION: "CreatePermission",
-    Method.CHANNEL_BIND: "ChannelBind",
-}
 
 
 class ConnectError(TurnstormError):
     """The server cannot be reached at all."""
-
-
-@dataclass
-class _Pending:
-    transaction: ClientTransaction
-    data: bytes
-    future: asyncio.Future[Message]
-    timer: asyncio.TimerHandle | None = None
 
 
 class _Protocol(asyncio.Protocol, asyncio.DatagramProtocol):
@@ -75,16 +66,18 @@ class _Protocol(asyncio.Protocol, asyncio.DatagramProtocol):
 
 
 class StunClient:
-    """One local socket (UDP or TCP) talking to one STUN/TURN server."""
+    """One local socket (UDP or TCP) talking to one STUN/TURN server: the asyncio shell
+    of a :class:`~turnstorm.proto.session.TurnSession` (timers on the loop clock)."""
 
     def __init__(self, server: Address, transport: str, policy: RetransmitPolicy | None) -> None:
         self.server = server
         self.transport_name = transport
         self.reliable = transport == "tcp"
         self.policy = policy or RetransmitPolicy()
-        self.software: str | None = None
+        self.session = TurnSession(reliable=self.reliable, policy=self.policy)
         self._transport: asyncio.BaseTransport | None = None
-        self._pending: dict[bytes, _Pending] = {}
+        self._pending: dict[bytes, asyncio.Future[Request]] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.on_data: DataHandler | None = None
         self.on_indication: Callable[[Message], None] | None = None
@@ -133,6 +126,14 @@ class StunClient:
         sockname = self._transport.get_extra_info("sockname")
         return sockname[0], sockname[1]
 
+    @property
+    def software(self) -> str | None:
+        return self.session.software
+
+    @property
+    def auth(self) -> LongTermAuth:
+        return self.session.auth
+
     # -- wire ------------------------------------------------------------------------------
 
     def send_raw(self, data: bytes) -> None:
@@ -145,31 +146,39 @@ class StunClient:
             transport.sendto(data)  # type: ignore[attr-defined]
 
     def _frame_received(self, data: bytes) -> None:
-        if stun.is_channel_data(data):
-            self._channel_data_received(data)
-            return
+        event = self.session.receive(data, self._loop.time())
+        if isinstance(event, PeerData):
+            if self.on_data is not None:
+                self.on_data(event.peer, event.data)
+        elif isinstance(event, Indication):
+            if self.on_indication is not None:
+                self.on_indication(event.message)
+        elif isinstance(event, Unparsable):
+            self.received_errors.append(event.error)
+        else:  # a response: its request completed, or an authenticated retry is queued
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the session queued (retries, retransmissions) and re-arm its timer."""
         try:
-            message = stun.parse(data)
-        except stun.StunParseError as exc:
-            self.received_errors.append(exc)
-            return
-        if message.message_class in (Class.RESPONSE, Class.ERROR):
-            pending = self._pending.pop(message.transaction_id, None)
-            if pending is not None:
-                pending.transaction.on_response()
-                if pending.timer is not None:
-                    pending.timer.cancel()
-                if not pending.future.done():
-                    pending.future.set_result(message)
-        elif message.message_class == Class.INDICATION:
-            self._indication_received(message)
+            for data in self.session.send(self._loop.time()):
+                self.send_raw(data)
+        except ConnectError as exc:
+            self.session.fail_all(exc)
+        self._arm()
 
-    def _channel_data_received(self, data: bytes) -> None:
-        """Overridden by TURN clients."""
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.session.deadline
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
-    def _indication_received(self, message: Message) -> None:
-        if self.on_indication is not None:
-            self.on_indication(message)
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.session.timer(self._loop.time())
+        self._flush()
 
     def _socket_error(self, exc: Exception) -> None:
         # ICMP port unreachable on a connected UDP socket: nobody listens there.
@@ -179,73 +188,43 @@ class StunClient:
         ))
 
     def _fail_all(self, exc: Exception) -> None:
-        for pending in list(self._pending.values()):
-            if pending.timer is not None:
-                pending.timer.cancel()
-            if not pending.future.done():
-                pending.future.set_exception(exc)
-        self._pending.clear()
+        self.session.fail_all(exc)
+        self._arm()
 
     # -- transactions ----------------------------------------------------------------------
 
-    async def transact(self, request: Message, data: bytes) -> Message:
-        """Send ``data`` (the encoded ``request``) with retransmissions; return the response."""
-        name = METHOD_NAMES.get(Method(request.method), "request")
-        transaction = ClientTransaction(name, reliable=self.reliable, policy=self.policy)
-        future: asyncio.Future[Message] = self._loop.create_future()
-        pending = _Pending(transaction, data, future)
-        self._pending[request.transaction_id] = pending
-        transaction.start(self._loop.time())
+    async def complete(self, request: Request) -> Message:
+        """Send ``request`` (just started on the session) and wait for its outcome."""
+        future: asyncio.Future[Request] = self._loop.create_future()
+        tid = request.message.transaction_id
+        self._pending[tid] = future
+        request.on_done = lambda done: None if future.done() else future.set_result(done)
         try:
-            self.send_raw(data)
-            self._arm(request.transaction_id, pending)
-            return await future
+            for data in self.session.send(self._loop.time()):
+                self.send_raw(data)
+            self._arm()
+            return (await future).result()
         finally:
-            self._pending.pop(request.transaction_id, None)
-            if pending.timer is not None:
-                pending.timer.cancel()
-
-    def _arm(self, tid: bytes, pending: _Pending) -> None:
-        deadline = pending.transaction.deadline
-        if deadline is not None:
-            pending.timer = self._loop.call_at(deadline, self._on_timer, tid, pending)
-
-    def _on_timer(self, tid: bytes, pending: _Pending) -> None:
-        try:
-            resend = pending.transaction.on_timer(self._loop.time())
-        except TransactionTimeout as exc:
-            if not pending.future.done():
-                pending.future.set_exception(exc)
-            return
-        if resend:
-            try:
-                self.send_raw(pending.data)
-            except ConnectError as exc:
-                pending.future.set_exception(exc)
-                return
-        self._arm(tid, pending)
+            self._pending.pop(tid, None)
+            if not request.done:
+                self.session.abandon(request)
+                self._arm()
 
     async def request(
         self, request: Message, key: bytes | None = None, *, fingerprint: bool = True
     ) -> Message:
-        response = await self.transact(request, request.encode(key, fingerprint=fingerprint))
-        if response.message_class == Class.ERROR:
-            code, reason = response.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
-            raise error_for(METHOD_NAMES.get(Method(request.method), "request"), code, reason)
-        return response
+        """An unauthenticated request; an error response raises its specific error."""
+        return await self.complete(self.session.start(
+            request, authenticate=False, key=key, fingerprint=fingerprint))
 
     async def binding(self) -> tuple[Address, float]:
         """One Binding transaction: the server-reflexive address and the RTT in seconds."""
         start = time.perf_counter()
-        response = await self.request(Message(Method.BINDING, Class.REQUEST))
+        request = self.session.binding()
+        await self.complete(request)
         rtt = time.perf_counter() - start
-        self.software = response.attributes.get("SOFTWARE", self.software)
-        mapped = response.attributes.get("XOR-MAPPED-ADDRESS") or response.attributes.get(
-            "MAPPED-ADDRESS"
-        )
-        if mapped is None:
-            raise TurnstormError("Binding response has no XOR-MAPPED-ADDRESS")
-        return mapped, rtt
+        assert request.mapped is not None
+        return request.mapped, rtt
 
     def close(self) -> None:
         self.closed_reason = self.closed_reason or "the client is closed"
@@ -260,27 +239,12 @@ class StunClient:
         self.close()
 
 
-@dataclass
-class Allocation:
-    relayed: Address
-    mapped: Address
-    lifetime: int
-
-
 class TurnClient(StunClient):
     """A TURN client (RFC 8656) with long-term authentication.
 
     Handles the 401 -> REALM/NONCE -> authenticated retry and one 438 stale-nonce retry
     per request. Peer data (Data indications and ChannelData) goes to ``on_data``.
     """
-
-    def __init__(self, server: Address, transport: str, policy: RetransmitPolicy | None) -> None:
-        super().__init__(server, transport, policy)
-        self.auth = LongTermAuth(None)
-        self.allocation: Allocation | None = None
-        self.channels: dict[int, Address] = {}
-        self.peer_channels: dict[Address, int] = {}
-        self._next_channel = stun.CHANNEL_MIN
 
     @classmethod
     async def connect(  # type: ignore[override]
@@ -299,18 +263,25 @@ class TurnClient(StunClient):
         self.auth.credentials = credentials
         return self
 
-    # -- authenticated requests -------------------------------------------------------------
+    @property
+    def allocation(self) -> Allocation | None:
+        return self.session.allocation
+
+    @allocation.setter
+    def allocation(self, allocation: Allocation | None) -> None:
+        self.session.allocation = allocation
+
+    @property
+    def channels(self) -> dict[int, Address]:
+        return self.session.channels
+
+    @property
+    def peer_channels(self) -> dict[Address, int]:
+        return self.session.peer_channels
 
     async def auth_request(self, request: Message) -> Message:
         """Send ``request`` with long-term credentials, learning REALM/NONCE as needed."""
-        method = METHOD_NAMES.get(Method(request.method), "request")
-        attempt = self.auth.attempt(method)
-        while True:
-            key = self.auth.sign(request)
-            response = await self.transact(request, request.encode(key, fingerprint=True))
-            if response.message_class != Class.ERROR:
-                return response
-            request = attempt.retry(request, response, signed=key is not None)
+        return await self.complete(self.session.start(request))
 
     # -- TURN operations --------------------------------------------------------------------
 
@@ -323,104 +294,43 @@ class TurnClient(StunClient):
         family: int | None = None,
         reservation_token: bytes | None = None,
     ) -> Allocation:
-        attributes: dict[str, Any] = {"REQUESTED-TRANSPORT": stun.UDP_TRANSPORT}
-        if lifetime is not None:
-            attributes["LIFETIME"] = lifetime
-        if even_port is not None:
-            attributes["EVEN-PORT"] = even_port
-        if dont_fragment:
-            attributes["DONT-FRAGMENT"] = None
-        if family is not None:
-            attributes["REQUESTED-ADDRESS-FAMILY"] = family
-        if reservation_token is not None:
-            attributes["RESERVATION-TOKEN"] = reservation_token
-        response = await self.auth_request(Message(Method.ALLOCATE, Class.REQUEST,
-                                                   attributes=attributes))
-        for name in ("XOR-RELAYED-ADDRESS", "XOR-MAPPED-ADDRESS", "LIFETIME"):
-            if name not in response.attributes:
-                raise TurnstormError(f"Allocate response has no {name}")
-        self.software = response.attributes.get("SOFTWARE", self.software)
-        self.allocation = Allocation(
-            relayed=response.attributes["XOR-RELAYED-ADDRESS"],
-            mapped=response.attributes["XOR-MAPPED-ADDRESS"],
-            lifetime=response.attributes["LIFETIME"],
-        )
-        return self.allocation
+        await self.complete(self.session.allocate(
+            lifetime, even_port=even_port, dont_fragment=dont_fragment, family=family,
+            reservation_token=reservation_token))
+        assert self.session.allocation is not None
+        return self.session.allocation
 
     async def refresh(self, lifetime: int | None = None) -> int:
         """Refresh the allocation; ``lifetime=0`` releases it. Returns the granted lifetime."""
-        attributes: dict[str, Any] = {}
-        if lifetime is not None:
-            attributes["LIFETIME"] = lifetime
-        response = await self.auth_request(Message(Method.REFRESH, Class.REQUEST,
-                                                   attributes=attributes))
-        granted: int = response.attributes.get("LIFETIME", 0 if lifetime == 0 else -1)
-        if self.allocation is not None:
-            self.allocation.lifetime = granted
-        return granted
+        request = self.session.refresh(lifetime)
+        await self.complete(request)
+        assert request.lifetime is not None
+        return request.lifetime
 
     async def release(self) -> None:
         """Delete the allocation (Refresh with LIFETIME 0)."""
         await self.refresh(0)
-        self.allocation = None
 
     async def create_permission(self, peer: Address) -> None:
-        await self.auth_request(Message(Method.CREATE_PERMISSION, Class.REQUEST,
-                                        attributes={"XOR-PEER-ADDRESS": peer}))
+        await self.complete(self.session.create_permission(peer))
 
     async def channel_bind(self, peer: Address, channel: int | None = None) -> int:
         """Bind (or refresh) a channel to ``peer``; also installs a permission."""
-        if channel is None:
-            channel = self.peer_channels.get(peer) or self._allocate_channel_number()
-        await self.auth_request(Message(Method.CHANNEL_BIND, Class.REQUEST, attributes={
-            "CHANNEL-NUMBER": channel, "XOR-PEER-ADDRESS": peer,
-        }))
-        self.channels[channel] = peer
-        self.peer_channels[peer] = channel
-        return channel
-
-    def _allocate_channel_number(self) -> int:
-        if self._next_channel > stun.CHANNEL_MAX:
-            raise TurnstormError("all 4096 channel numbers are in use")
-        channel = self._next_channel
-        self._next_channel += 1
-        return channel
+        request = self.session.channel_bind(peer, channel)
+        await self.complete(request)
+        assert request.channel is not None
+        return request.channel
 
     def send_indication(self, peer: Address, data: bytes) -> None:
         """Send ``data`` to ``peer`` through the relay in a Send indication."""
-        message = Message(Method.SEND, Class.INDICATION,
-                          attributes={"XOR-PEER-ADDRESS": peer, "DATA": data})
-        self.send_raw(message.encode())
+        self.send_raw(self.session.send_indication(peer, data))
 
     def send_channel(self, channel: int, data: bytes) -> None:
-        self.send_raw(stun.encode_channel_data(channel, data, stream=self.reliable))
+        self.send_raw(self.session.channel_data(channel, data))
 
     def send_to(self, peer: Address, data: bytes) -> None:
         """ChannelData when a channel is bound to ``peer``, else a Send indication."""
-        channel = self.peer_channels.get(peer)
-        if channel is None:
-            self.send_indication(peer, data)
-        else:
-            self.send_channel(channel, data)
-
-    def _channel_data_received(self, data: bytes) -> None:
-        try:
-            channel, payload = stun.parse_channel_data(data)
-        except stun.StunParseError as exc:
-            self.received_errors.append(exc)
-            return
-        peer = self.channels.get(channel)
-        if peer is not None and self.on_data is not None:
-            self.on_data(peer, payload)
-
-    def _indication_received(self, message: Message) -> None:
-        if message.method == Method.DATA and self.on_data is not None:
-            peer = message.attributes.get("XOR-PEER-ADDRESS")
-            data = message.attributes.get("DATA")
-            if peer is not None and data is not None:
-                self.on_data(peer, data)
-            return
-        super()._indication_received(message)
+        self.send_raw(self.session.data_to(peer, data))
 
     async def aclose(self) -> None:
         """Release the allocation if there is one (best effort), then close."""
@@ -428,24 +338,3 @@ class TurnClient(StunClient):
             with contextlib.suppress(StunErrorResponse, TransactionTimeout, TurnstormError):
                 await asyncio.wait_for(self.release(), 5.0)
         self.close()
-
-
-def parse_host_port(text: str, default_port: int | None = None) -> Address:
-    """``HOST:PORT``, ``[V6]:PORT`` or (with a default port) a bare host."""
-    host, sep, port_text = text.rpartition(":")
-    if text.startswith("[") and "]" in text:
-        inside, _, rest = text[1:].partition("]")
-        host, port_text, sep = inside, rest.removeprefix(":"), ":" if rest else ""
-    elif not sep or ":" in host:
-        host, port_text = text, ""
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{text!r} needs a port, as HOST:PORT")
-        port_text = str(default_port)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r}: port must be 1-65535")
-    return host, int(port_text)

@@ -13,6 +13,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from turnstorm.errors import TurnstormError
+
 DEFAULT_DENIED_PEERS: tuple[str, ...] = (
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -31,8 +33,9 @@ link-local (which holds cloud metadata at 169.254.169.254), ULA."""
 EPHEMERAL_PORTS = (32768, 60999)
 
 
-class ConfigError(ValueError):
-    """A relay configuration that would be insecure or cannot work."""
+class RelayConfigError(TurnstormError, ValueError):
+    """A relay configuration that would be insecure or cannot work (a ValueError too, as
+    it always was)."""
 
 
 @dataclass
@@ -92,11 +95,11 @@ class RelayConfig:
 
     def validate(self) -> None:
         if not 0 < self.min_port <= self.max_port <= 65535:
-            raise ConfigError(f"relay port range {self.min_port}-{self.max_port} is invalid")
+            raise RelayConfigError(f"relay port range {self.min_port}-{self.max_port} is invalid")
         if self.cli_port is not None and not self.cli_password:
-            raise ConfigError("the coturn CLI needs a password when it is on")
+            raise RelayConfigError("the coturn CLI needs a password when it is on")
         if not self.realm:
-            raise ConfigError("realm must not be empty")
+            raise RelayConfigError("realm must not be empty")
         # one line per option: a value carrying whitespace or a control character could
         # end its line and add options of its own (an open relay, a secret in a ConfigMap)
         values = {"realm": self.realm, "relay_ip": self.relay_ip,
@@ -108,7 +111,7 @@ class RelayConfig:
         for name, value in values.items():
             if value is not None and (not value.isprintable() or any(c.isspace()
                                                                     for c in value)):
-                raise ConfigError(f"{name} {value!r} contains whitespace or a control "
+                raise RelayConfigError(f"{name} {value!r} contains whitespace or a control "
                                   "character")
         for name in ("relay_ip", "external_ip"):
             value = getattr(self, name)
@@ -116,10 +119,10 @@ class RelayConfig:
                 try:
                     ipaddress.ip_address(value)
                 except ValueError:
-                    raise ConfigError(f"{name} {value!r} is not an IP address") from None
+                    raise RelayConfigError(f"{name} {value!r} is not an IP address") from None
         for quota, name in ((self.user_quota, "user_quota"), (self.total_quota, "total_quota")):
             if quota <= 0:
-                raise ConfigError(f"{name} must be positive (0 would mean unlimited)")
+                raise RelayConfigError(f"{name} must be positive (0 would mean unlimited)")
 
 
 def cidr_to_range(cidr: str) -> str:
@@ -127,7 +130,7 @@ def cidr_to_range(cidr: str) -> str:
     try:
         network = ipaddress.ip_network(cidr, strict=False)
     except ValueError:
-        raise ConfigError(f"{cidr!r} is not a CIDR network") from None
+        raise RelayConfigError(f"{cidr!r} is not a CIDR network") from None
     if network.num_addresses == 1:
         return str(network.network_address)
     return f"{network.network_address}-{network.broadcast_address}"
@@ -205,7 +208,7 @@ def render(config: RelayConfig, *, secret: str | None = None) -> str:
         lines.append(f"userdb={config.userdb}")
     if secret is not None:
         if "\n" in secret or not secret:
-            raise ConfigError("the shared secret must be one non-empty line")
+            raise RelayConfigError("the shared secret must be one non-empty line")
         lines.append(f"static-auth-secret={secret}")
     lines += config.extra
     return "\n".join(lines) + "\n"

@@ -65,36 +65,27 @@ class ServerError(StunErrorResponse):
     explanation = "the server failed to process the request"
 
 
-_PHRASES = {
-    300: "Try Alternate",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    420: "Unknown Attribute",
-    437: "Allocation Mismatch",
-    438: "Stale Nonce",
-    440: "Address Family not Supported",
-    441: "Wrong Credentials",
-    442: "Unsupported Transport Protocol",
-    443: "Peer Address Family Mismatch",
-    486: "Allocation Quota Reached",
-    500: "Server Error",
-    508: "Insufficient Capacity",
+_CODES: dict[int, tuple[str, type[StunErrorResponse]]] = {
+    300: ("Try Alternate", StunErrorResponse),
+    400: ("Bad Request", BadRequest),
+    401: ("Unauthorized", Unauthorized),
+    403: ("Forbidden", Forbidden),
+    420: ("Unknown Attribute", UnknownAttribute),
+    437: ("Allocation Mismatch", AllocationMismatch),
+    438: ("Stale Nonce", StaleNonce),
+    440: ("Address Family not Supported", StunErrorResponse),
+    441: ("Wrong Credentials", WrongCredentials),
+    442: ("Unsupported Transport Protocol", UnsupportedTransport),
+    443: ("Peer Address Family Mismatch", StunErrorResponse),
+    486: ("Allocation Quota Reached", AllocationQuotaReached),
+    500: ("Server Error", ServerError),
+    508: ("Insufficient Capacity", InsufficientCapacity),
 }
+"""Per error code: its RFC reason phrase (when the server sends none) and its error."""
 
+_PHRASES = {code: phrase for code, (phrase, _) in _CODES.items()}
 ERRORS_BY_CODE: dict[int, type[StunErrorResponse]] = {
-    400: BadRequest,
-    401: Unauthorized,
-    403: Forbidden,
-    420: UnknownAttribute,
-    437: AllocationMismatch,
-    438: StaleNonce,
-    441: WrongCredentials,
-    442: UnsupportedTransport,
-    486: AllocationQuotaReached,
-    500: ServerError,
-    508: InsufficientCapacity,
-}
+    code: cls for code, (_, cls) in _CODES.items() if cls is not StunErrorResponse}
 
 
 def error_for(method: str, code: int, reason: str) -> StunErrorResponse:

@@ -49,18 +49,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TypedDict
 
+from turnstorm.signals import SIGNALS
 from turnstorm.spec import ScalingPolicy
-
-SIGNALS: dict[str, str] = {
-    "allocationsPerRelay": "allocations",
-    "bindingRatePerRelay": "binding_rate",
-    "relayedPpsPerRelay": "relayed_pps",
-    "udpRcvbufErrorsPerSecond": "udp_rcvbuf_errors",
-    "cpuUtilization": "cpu_percent",
-    "probeRttMs": "probe_rtt_ms",
-}
-"""CRD target name -> signal name in :class:`RelaySample`."""
 
 RATE_SIGNALS = ("allocations", "binding_rate")
 """Signals whose rate of change is projected forward during storms."""
@@ -136,6 +128,19 @@ class Decision:
     @property
     def scale_up(self) -> int:
         return max(0, self.desired - self.active - len(self.undrain))
+
+
+class Applied(TypedDict):
+    """What an actuator did with a :class:`Decision`, relay names per action: the result
+    of the local pool's and of the operator's actuator alike."""
+
+    undrained: list[str]
+    drained: list[str]
+    removed: list[str]
+    started: list[str]
+    """Relays started; on a cluster the Deployment's new pods, not named yet
+    (``(pending-N)``)."""
+    resized: list[str]
 
 
 class Autoscaler:

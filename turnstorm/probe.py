@@ -14,8 +14,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import StunClient, TurnClient
-from turnstorm.echo import start_echo_peer
 from turnstorm.errors import TurnstormError
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address

@@ -24,6 +24,64 @@ class TargetNotAllowed(TurnstormError):
     """A target outside loopback that the user did not allow."""
 
 
+class HostPortError(ValueError):
+    """A ``HOST:PORT`` that does not parse; :attr:`problem` says what is wrong, so that
+    each caller words it for its own option."""
+
+    BRACKETS = "brackets"
+    NO_PORT = "no port"
+    HOST = "host"
+    PORT = "port"
+
+    def __init__(self, problem: str, host: str) -> None:
+        super().__init__(f"{problem}: {host!r}")
+        self.problem = problem
+        self.host = host
+
+
+def split_host_port(text: str, default_port: int | None = None, *,
+                    localhost: bool = False) -> tuple[str, int]:
+    """``IPv4:PORT``, ``[IPv6]:PORT`` or, with ``default_port``, the address alone (an
+    IPv6 address alone needs no brackets). The host is an IP literal; with ``localhost``
+    the name ``localhost`` stands for 127.0.0.1. Raises :class:`HostPortError`."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise HostPortError(HostPortError.BRACKETS, host)
+        port_text = rest[1:]
+    elif text.count(":") > 1:
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not port_text:
+        if default_port is None:
+            raise HostPortError(HostPortError.NO_PORT, host)
+        port_text = str(default_port)
+    if localhost and host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise HostPortError(HostPortError.HOST, host) from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise HostPortError(HostPortError.PORT, host)
+    return host, int(port_text)
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or (with a default port) a bare host; ValueError
+    with the option-neutral message."""
+    try:
+        return split_host_port(text, default_port)
+    except HostPortError as exc:
+        raise ValueError({
+            HostPortError.BRACKETS: f"{text!r}: unbalanced brackets",
+            HostPortError.NO_PORT: f"{text!r} needs a port, as HOST:PORT",
+            HostPortError.HOST: f"{text!r}: {exc.host!r} is not an IP address",
+            HostPortError.PORT: f"{text!r}: port must be 1-65535",
+        }[exc.problem]) from None
+
+
 @dataclass(frozen=True)
 class ServerUri:
     scheme: str
@@ -61,28 +119,17 @@ def parse_uri(text: str) -> ServerUri:
             raise UriError(f"invalid URI {text!r}: the only query is transport=udp or "
                            "transport=tcp")
         transport = value.lower()
-    if rest.startswith("["):
-        host, bracket, port_text = rest[1:].partition("]")
-        if not bracket or (port_text and not port_text.startswith(":")):
-            raise UriError(f"invalid URI {text!r}: bad IPv6 literal")
-        port_text = port_text[1:]
-    elif rest.count(":") > 1:
+    if not rest.startswith("[") and rest.count(":") > 1:
         raise UriError(f"invalid URI {text!r}: put IPv6 addresses in brackets, "
                        "turn:[::1]:3478")
-    else:
-        host, _, port_text = rest.partition(":")
-    if host == "localhost":
-        host = "127.0.0.1"
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise UriError(f"invalid URI {text!r}: host {host!r} is not an IP address") from None
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise UriError(f"invalid URI {text!r}: port must be 1-65535")
-        port = int(port_text)
-    else:
-        port = DEFAULT_PORTS[scheme]
+        host, port = split_host_port(rest, DEFAULT_PORTS[scheme], localhost=True)
+    except HostPortError as exc:
+        raise UriError(f"invalid URI {text!r}: " + {
+            HostPortError.BRACKETS: "bad IPv6 literal",
+            HostPortError.HOST: f"host {exc.host!r} is not an IP address",
+            HostPortError.PORT: "port must be 1-65535",
+        }[exc.problem]) from None
     return ServerUri(scheme, host, port, transport)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from turnstorm.localrelay import LocalRelay, loopback_relay_config
+from turnstorm.relay.process import LocalRelay, loopback_relay_config
 
 RelayFactory = Callable[..., LocalRelay]
 

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from turnstorm.client import TurnClient
-from turnstorm.exporter import read_steal_seconds
-from turnstorm.localrelay import LocalRelay
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address, Message
+from turnstorm.relay.process import LocalRelay
+from turnstorm.relay.procfs import read_steal_seconds
 
 TRANSPORTS = ("udp", "tcp")
 
@@ -44,14 +44,7 @@ async def turn_client(relay: LocalRelay, transport: str,
 def record_responses(client: TurnClient) -> list[Message]:
     """Every response the client's transactions get, in order (401s and 438s included)."""
     responses: list[Message] = []
-    transact = client.transact
-
-    async def recording(request: Message, data: bytes) -> Message:
-        response = await transact(request, data)
-        responses.append(response)
-        return response
-
-    client.transact = recording  # type: ignore[method-assign]
+    client.session.on_response = responses.append
     return responses
 
 

@@ -108,7 +108,7 @@ def bound_ports(inodes: set[int] | None = None) -> set[tuple[str, str]]:
 
 
 def cpu_cgroup(pid: int) -> str | None:
-    from turnstorm.cgroup import detect
+    from turnstorm.relay.cgroup import detect
 
     hierarchy = detect()
     for line in _read(f"/proc/{pid}/cgroup").splitlines():

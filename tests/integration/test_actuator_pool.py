@@ -10,13 +10,13 @@ import pytest
 
 from tests.conftest import require
 from tests.integration.helpers import unique_user
-from turnstorm.actuator import LocalPool, PoolError
-from turnstorm.cgroup import CgroupError, detect
 from turnstorm.client import TurnClient
 from turnstorm.errors import StunErrorResponse
-from turnstorm.exporter import find_process
 from turnstorm.policy import Decision
 from turnstorm.proto.credentials import Credentials
+from turnstorm.relay.actuator import LocalPool, PoolError
+from turnstorm.relay.cgroup import CgroupError, detect
+from turnstorm.relay.procfs import find_process
 
 pytestmark = pytest.mark.integration
 
@@ -188,8 +188,8 @@ async def test_a_relay_is_resized_in_place_under_a_live_allocation(cgroups_root:
 
 
 async def test_controller_finishes_a_drain_once_its_calls_end(cgroups_root: str) -> None:
+    from turnstorm.loadgen.rotation import Rotation
     from turnstorm.localmode.control import Controller
-    from turnstorm.localmode.rotation import Rotation
     from turnstorm.policy import Autoscaler, StormOptions
     from turnstorm.spec import ScalingBehavior, ScalingPolicy
 
@@ -225,8 +225,8 @@ def test_controller_publishes_pack_placement_and_saturated_relays(
         cgroups_root: str, tmp_path: object) -> None:
     from pathlib import Path
 
+    from turnstorm.loadgen.rotation import Rotation
     from turnstorm.localmode.control import Controller
-    from turnstorm.localmode.rotation import Rotation
     from turnstorm.policy import Autoscaler, StormOptions
     from turnstorm.spec import ScalingBehavior, ScalingPolicy
 

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,8 +27,9 @@ import pytest
 
 from tests.conftest import IN_CI, require
 from tests.integration.helpers import credentials, unique_user
+from turnstorm import children
 from turnstorm.client import TurnClient
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
 from turnstorm.testing.controlplane import ControlPlane, cached_bin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,8 +167,8 @@ def test_dashboards_cover_the_issue() -> None:
 
 
 def test_every_metric_is_exported_or_listed_as_pending() -> None:
-    exported = (documented("turnstorm.exporter") | documented("turnstorm.loadgen.exporter")
-                | documented("turnstorm.operator.metrics"))
+    exported = (documented("turnstorm.relay.collector") | documented("turnstorm.loadgen.exporter")
+                | documented("turnstorm.operator.telemetry"))
     used = {name for path in DASHBOARDS for _, expr in queries(load(path))
             for name in metric_names(expr)}
     unknown = used - exported - set(PENDING)
@@ -212,13 +212,7 @@ def hold_allocations(relay: LocalRelay, count: int, stop: threading.Event) -> th
 
 
 def stop_process(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    children.stop(process, timeout=10)
 
 
 RELAY_POD = f"""

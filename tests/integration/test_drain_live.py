@@ -20,14 +20,14 @@ import pytest
 
 from tests.conftest import require
 from tests.integration.helpers import unique_user
-from turnstorm.actuator import LocalPool
-from turnstorm.cgroup import CgroupError, detect
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import TurnClient
-from turnstorm.echo import start_echo_peer
 from turnstorm.errors import StunErrorResponse
 from turnstorm.policy import Autoscaler, StormOptions
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address
+from turnstorm.relay.actuator import LocalPool
+from turnstorm.relay.cgroup import CgroupError, detect
 from turnstorm.spec import ScalingBehavior, ScalingPolicy
 
 pytestmark = pytest.mark.integration

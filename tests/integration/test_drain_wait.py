@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import require
 from tests.integration.helpers import credentials, unique_user
 from turnstorm.client import TurnClient
-from turnstorm.localrelay import LocalRelay, loopback_relay_config
 from turnstorm.operator.render import drain_wait_script
+from turnstorm.relay.process import LocalRelay, loopback_relay_config
 
 pytestmark = pytest.mark.integration
 

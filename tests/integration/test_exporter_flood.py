@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import require
-from turnstorm.cgroup import CgroupError, CpuCgroup
-from turnstorm.exporter import RelayCollector, collector_values
-from turnstorm.localrelay import LocalRelay, loopback_relay_config, stun_ready
 from turnstorm.proto import stun
+from turnstorm.relay.cgroup import CgroupError, CpuCgroup
+from turnstorm.relay.collector import RelayCollector, collector_values
+from turnstorm.relay.process import LocalRelay, loopback_relay_config, stun_ready
 
 pytestmark = pytest.mark.integration
 

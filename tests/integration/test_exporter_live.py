@@ -16,16 +16,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.helpers import credentials, unique_user
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import TurnClient
-from turnstorm.echo import start_echo_peer
-from turnstorm.exporter import (
-    CoturnCli,
-    CoturnCliError,
-    Exporter,
-    RelayCollector,
-    scrape_signals,
-)
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
+from turnstorm.relay.collector import Exporter, RelayCollector
+from turnstorm.relay.coturncli import CoturnCli, CoturnCliError
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
+from turnstorm.signals import scrape_signals
 
 pytestmark = pytest.mark.integration
 

@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
+from turnstorm import children
 from turnstorm.blast import run_binding_blast
-from turnstorm.exporter import ProcessFinder, RelayCollector, scrape_signals
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
+from turnstorm.relay.collector import RelayCollector
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
+from turnstorm.relay.procfs import ProcessFinder
+from turnstorm.signals import scrape_signals
 
 pytestmark = pytest.mark.integration
 
 POD = textwrap.dedent("""
     import os, secrets, subprocess, sys, time
-    from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
+    from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
     listen, relay_port, cli_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     password = secrets.token_urlsafe(12)
     config = loopback_relay_config(port=relay_port, cli_port=cli_port, cli_password=password)
@@ -77,11 +80,7 @@ def pod(turnserver_bin: str) -> Iterator[tuple[str, int]]:
     finally:
         if child.stdin is not None:
             child.stdin.close()
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        children.reap(child, 15)
 
 
 def test_cpu_of_the_relay_found_by_name_in_a_shared_pid_namespace(

@@ -16,7 +16,7 @@ from turnstorm.loadgen.config import LoadgenConfig, SessionLength
 from turnstorm.loadgen.metrics import MediaStats
 from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.users import COUNTERS, LoadgenState, StunBindingUser, TurnSessionUser
-from turnstorm.localrelay import LocalRelay
+from turnstorm.relay.process import LocalRelay
 from turnstorm.uri import parse_uri
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from turnstorm.localrelay import LocalRelay, free_port
+from turnstorm.relay.process import LocalRelay, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from turnstorm.loadgen.config import LoadgenConfig
 from turnstorm.loadgen.keepalive import IdleSubscribersUser
 from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.users import StunBindingUser
-from turnstorm.localrelay import LocalRelay
+from turnstorm.relay.process import LocalRelay
 from turnstorm.uri import parse_uri
 
 pytestmark = pytest.mark.integration

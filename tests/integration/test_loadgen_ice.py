@@ -11,7 +11,7 @@ import pytest
 from turnstorm.loadgen.config import LoadgenConfig
 from turnstorm.loadgen.iceuser import IceSessionUser
 from turnstorm.loadgen.runner import run_locust, transactions
-from turnstorm.localrelay import LocalRelay
+from turnstorm.relay.process import LocalRelay
 from turnstorm.uri import parse_uri
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from turnstorm.localrelay import LocalRelay
+from turnstorm.relay.process import LocalRelay
 
 pytestmark = pytest.mark.integration
 

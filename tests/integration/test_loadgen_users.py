@@ -25,9 +25,9 @@ from turnstorm.loadgen.media import PUMP_ENV, MediaPump, NativeMediaPump, native
 from turnstorm.loadgen.runner import run_locust, transactions
 from turnstorm.loadgen.users import StunBindingUser, TurnSessionUser
 from turnstorm.loadgen.wire import UdpClient
-from turnstorm.localrelay import LocalRelay
 from turnstorm.proto.credentials import Credentials
 from turnstorm.proto.stun import Address
+from turnstorm.relay.process import LocalRelay
 from turnstorm.uri import parse_uri
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from turnstorm.localrelay import LocalRelay, free_port
+from turnstorm.relay.process import LocalRelay, free_port
 
 pytestmark = pytest.mark.integration
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",

@@ -43,7 +43,7 @@ def marked_processes(mark: str) -> list[int]:
 
 
 def relay_cgroups() -> list[str]:
-    from turnstorm.cgroup import PARENT, detect
+    from turnstorm.relay.cgroup import PARENT, detect
 
     parent = os.path.join(detect().root, PARENT)
     try:

@@ -17,8 +17,8 @@ import pytest
 from tests.integration.conftest import RelayFactory
 from tests.integration.helpers import FORBIDDEN, TRANSPORTS, turn_client, wait_until
 from turnstorm.errors import AllocationQuotaReached
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
 from turnstorm.proto.credentials import Credentials
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
 
 pytestmark = pytest.mark.integration
 

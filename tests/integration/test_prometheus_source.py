@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from turnstorm.localrelay import free_port
-from turnstorm.operator.autoscale import PodView, PrometheusSource
+from turnstorm.operator.pods import PodView
+from turnstorm.operator.sources import PrometheusSource
+from turnstorm.relay.process import free_port
 from turnstorm.spec import turnpool_from_object
 
 pytestmark = pytest.mark.integration

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from turnstorm.aioecho import start_echo_peer
 from turnstorm.client import TurnClient
-from turnstorm.echo import start_echo_peer
 from turnstorm.errors import Forbidden
-from turnstorm.exporter import CoturnCli
-from turnstorm.localrelay import free_port, stun_ready
 from turnstorm.operator.render import CLI_PORT, deployment, turnserver_conf
 from turnstorm.proto.credentials import Credentials
+from turnstorm.relay.coturncli import CoturnCli
+from turnstorm.relay.process import free_port, stun_ready
 from turnstorm.spec import turnpool_from_object
 
 pytestmark = pytest.mark.integration

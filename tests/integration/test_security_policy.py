@@ -12,12 +12,12 @@ import pytest
 
 from tests.integration.conftest import RelayFactory
 from tests.integration.helpers import FORBIDDEN, collect_data, turn_client
+from turnstorm.aioecho import EchoProtocol, start_echo_peer
 from turnstorm.client import TurnClient
 from turnstorm.coturnconf import RelayConfig, render
-from turnstorm.echo import EchoProtocol, start_echo_peer
 from turnstorm.errors import Forbidden
-from turnstorm.localrelay import LocalRelay, loopback_relay_config
 from turnstorm.proto.stun import Address
+from turnstorm.relay.process import LocalRelay, loopback_relay_config
 
 pytestmark = pytest.mark.integration
 

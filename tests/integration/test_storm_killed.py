@@ -22,7 +22,7 @@ from tests.integration.leftovers import (
     held_by_run,
 )
 from tests.integration.test_localmode import marked_processes
-from turnstorm.localrelay import LocalRelay
+from turnstorm.relay.process import LocalRelay
 
 pytestmark = pytest.mark.integration
 

@@ -22,18 +22,18 @@ from tests.integration.helpers import (
     unique_user,
     wait_until,
 )
+from turnstorm.aioecho import EchoProtocol, start_echo_peer
 from turnstorm.client import ConnectError, StunClient, TurnClient
-from turnstorm.echo import EchoProtocol, start_echo_peer
 from turnstorm.errors import (
     AllocationMismatch,
     AllocationQuotaReached,
     BadRequest,
     Unauthorized,
 )
-from turnstorm.localrelay import LocalRelay
 from turnstorm.proto import stun
 from turnstorm.proto.stun import Address, Class, Method
 from turnstorm.proto.transaction import RetransmitPolicy, TransactionTimeout
+from turnstorm.relay.process import LocalRelay
 
 pytestmark = pytest.mark.integration
 

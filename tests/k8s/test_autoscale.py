@@ -21,10 +21,11 @@ from tests.conftest import require
 from tests.k8s.conftest import wait_for
 from tests.k8s.test_operator import create_secret, get, running_operator
 from turnstorm.client import TurnClient
-from turnstorm.exporter import CoturnCli, Exporter, RelayCollector
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
 from turnstorm.operator.render import labels
 from turnstorm.proto.credentials import Credentials
+from turnstorm.relay.collector import Exporter, RelayCollector
+from turnstorm.relay.coturncli import CoturnCli
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
 from turnstorm.spec import turnpool_from_object
 from turnstorm.testing.controlplane import ControlPlane
 

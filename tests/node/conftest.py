@@ -102,7 +102,7 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
-    from turnstorm.localrelay import free_port
+    from turnstorm.relay.process import free_port
 
     binary = shutil.which("prometheus")
     require(binary is not None, "Prometheus not found (Debian: apt-get install prometheus)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from turnstorm.cgroup import CgroupError, CpuCgroup, Hierarchy, detect
+from turnstorm.relay.cgroup import CgroupError, CpuCgroup, Hierarchy, detect
 
 
 def test_detects_v1_cpu_when_cgroup2_has_no_cpu(tmp_path: Path) -> None:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from turnstorm.exporter import (
+from turnstorm.relay.coturncli import (
     CoturnCliError,
-    SignalTracker,
-    parse_proc_udp,
     parse_sessions,
-    parse_snmp_udp,
-    parse_stat_cpu_seconds,
     parse_total_allocations,
     parse_users,
-    scrape_signals,
 )
+from turnstorm.relay.procfs import parse_proc_udp, parse_snmp_udp, parse_stat_cpu_seconds
+from turnstorm.signals import SignalTracker, scrape_signals
 
 PC = """
   verbose: OFF

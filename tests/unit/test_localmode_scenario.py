@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from turnstorm.cli import build_parser
+from turnstorm.loadgen.metrics import percentile_ms, std_ms
+from turnstorm.loadgen.rotation import Rotation
 from turnstorm.localmode.report import format_table, table_rows
-from turnstorm.localmode.rotation import Rotation
 from turnstorm.localmode.scenario import ScenarioError, load_scenario, parse_scenario
-from turnstorm.localmode.series import percentile_ms, std_ms
 from turnstorm.uri import parse_uri
 
 ROOT = Path(__file__).resolve().parents[2]

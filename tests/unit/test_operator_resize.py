@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from turnstorm.operator.autoscale import PodView, cpu_factor, millicores
+from turnstorm.operator.pods import PodView, cpu_factor, millicores
 from turnstorm.spec import TurnPoolSpec, turnpool_from_object
 
 

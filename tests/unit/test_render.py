@@ -120,12 +120,12 @@ def test_denied_peers_add_to_the_default_denial() -> None:
 def test_a_value_cannot_add_lines_to_the_relay_config(field: str, value: str) -> None:
     import dataclasses
 
-    from turnstorm.coturnconf import ConfigError, render
+    from turnstorm.coturnconf import RelayConfigError, render
     from turnstorm.operator.render import relay_config
 
     config = dataclasses.replace(relay_config(turnpool_from_object(example("turnpool.yaml"))),
                                  **{field: value})
-    with pytest.raises(ConfigError, match=r"contains whitespace|is not an IP address"):
+    with pytest.raises(RelayConfigError, match=r"contains whitespace|is not an IP address"):
         render(config)
 
 

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from turnstorm.errors import TurnstormError
-from turnstorm.exporter import STAT_TIMES, RelayCollector, parse_stat_cpu_seconds, read_cpu_seconds
+from turnstorm.relay.collector import RelayCollector
+from turnstorm.relay.procfs import STAT_TIMES, parse_stat_cpu_seconds, read_cpu_seconds
 
 EXAMPLES = 300
 LINES = 20_000

@@ -7,9 +7,12 @@ autoscaled pool, and a report compares them.
 
 Modules: :mod:`~turnstorm.localmode.scenario` (scenario files: a TurnPool and a LoadRun
 validated like the apiserver does, local timing), :mod:`~turnstorm.localmode.control`
-(the autoscaler loop over the process actuator), :mod:`~turnstorm.localmode.rotation`
-and :mod:`~turnstorm.localmode.users` (each call goes to a relay in rotation),
-:mod:`~turnstorm.localmode.series` (per-second figures), :mod:`~turnstorm.localmode.progress`
-(live terminal view), :mod:`~turnstorm.localmode.report` (report.json, CSV, plots, table)
-and :mod:`~turnstorm.localmode.run` (orchestration and lifecycle).
+(the autoscaler loop over the process actuator), :mod:`~turnstorm.localmode.series`
+(per-second figures), :mod:`~turnstorm.localmode.progress` (live terminal view),
+:mod:`~turnstorm.localmode.report` (report.json, CSV, plots, table) and
+:mod:`~turnstorm.localmode.run` (orchestration and lifecycle). Local mode imports no
+Locust: each phase's storm runs in a child process (:mod:`turnstorm.loadgen.phase`, its
+users in :mod:`turnstorm.loadgen.rotating`, each call to a relay of the rotation
+:mod:`turnstorm.loadgen.rotation` shares) that speaks the typed records of
+:mod:`turnstorm.loadgen.phaseio`.
 """

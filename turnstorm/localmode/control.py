@@ -1,7 +1,7 @@
 """The autoscaler loop of the local mode: relay signals -> policy -> process actuator.
 
 Every ``interval`` seconds the controller reads each relay's signals
-(:meth:`~turnstorm.actuator.LocalPool.samples`: coturn CLI allocations, kernel socket
+(:meth:`~turnstorm.relay.actuator.LocalPool.samples`: coturn CLI allocations, kernel socket
 drops, CPU against the cgroup limit), evaluates the :class:`~turnstorm.policy.Autoscaler`
 on the scenario clock (wall clock x ``time_scale``, see
 :class:`~turnstorm.localmode.scenario.LocalTiming`) and, for the autoscaled pool, applies
@@ -10,7 +10,7 @@ the fixed pool it evaluates too (the ``desired`` column shows what the policy wo
 but changes nothing.
 
 It runs in a thread of the orchestrator, a process apart from the load generator (see
-:mod:`turnstorm.localmode.storm`), so its coturn CLI reads and relay starts never delay
+:mod:`turnstorm.loadgen.phase`), so its coturn CLI reads and relay starts never delay
 the media pump.
 """
 
@@ -20,12 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from turnstorm.actuator import LocalPool
 from turnstorm.errors import TurnstormError
-from turnstorm.localmode.rotation import Rotation
+from turnstorm.loadgen.rotation import Rotation
 from turnstorm.policy import Autoscaler, Decision, RelaySample, saturated
+from turnstorm.relay.actuator import LocalPool
 
 NOTE_EVERY = 5.0
 """Seconds between the fixed pool's "the policy would want N" notes."""
@@ -161,8 +161,9 @@ class Controller:
             if any(done.values()) or full != self._full:
                 self.publish(full)
             if any(done.values()):
+                by_verb = cast(dict[str, list[str]], done)
                 actions = ", ".join(f"{verb} {' '.join(names)}"
-                                    for verb, names in done.items() if names)
+                                    for verb, names in by_verb.items() if names)
                 self._event(now, f"{actions}: {decision.reason}")
             desired = decision.desired
         else:

@@ -8,11 +8,11 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from turnstorm import ideal
 from turnstorm.errors import TurnstormError
 from turnstorm.localmode.series import COLUMNS, Row
 
-IDEAL = {"latency_p99_ms": 150.0, "loss_pct": 1.0, "jitter_std_ms": 20.0,
-         "relay_overhead_ms": 30.0}
+IDEAL = ideal.LIMITS
 PHASES = ("fixed", "autoscaled")
 PLOTS = {"load": "load-relays.png", "rtt": "rtt.png", "loss": "loss-jitter.png",
          "overview": "overview.png"}
@@ -28,19 +28,18 @@ def table_rows(phases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return value
 
     specs: list[tuple[str, str, tuple[str, ...], str, Callable[[Any], bool] | None]] = [
-        ("end-to-end latency p99", "< 150 ms", ("media", "rtt_ms", "p99"), "ms",
-         lambda v: v < IDEAL["latency_p99_ms"]),
-        ("packet loss", "< 1 %", ("media", "loss_pct"), "%", lambda v: v < IDEAL["loss_pct"]),
-        ("jitter (std)", "< 20 ms", ("media", "delay_std_ms"), "ms",
-         lambda v: v < IDEAL["jitter_std_ms"]),
-        ("relay overhead", "0-30 ms", ("media", "relay_overhead_ms"), "ms",
-         lambda v: v <= IDEAL["relay_overhead_ms"]),
+        ("end-to-end latency p99", ideal.LATENCY_P99.text, ("media", "rtt_ms", "p99"), "ms",
+         ideal.LATENCY_P99.met),
+        ("packet loss", ideal.LOSS.text, ("media", "loss_pct"), "%", ideal.LOSS.met),
+        ("jitter (std)", ideal.JITTER.text, ("media", "delay_std_ms"), "ms", ideal.JITTER.met),
+        ("relay overhead", ideal.RELAY_OVERHEAD.text, ("media", "relay_overhead_ms"), "ms",
+         ideal.RELAY_OVERHEAD.met),
         ("relay-seconds used", "", ("scaling", "relay_seconds"), "s", None),
         ("allocations cut", "0", ("allocations_cut",), "", lambda v: v == 0),
     ]
     rows = []
-    for label, ideal, keys, unit, ok in specs:
-        row: dict[str, Any] = {"metric": label, "ideal": ideal}
+    for label, bound, keys, unit, ok in specs:
+        row: dict[str, Any] = {"metric": label, "ideal": bound}
         for phase in PHASES:
             value = get(phase, *keys)
             row[phase] = value

@@ -5,7 +5,7 @@ rights, Python packages), start the guard of :mod:`turnstorm.lifeline` (a run ki
 outright, SIGKILL included, leaves no relay, cgroup, Prometheus or directory behind; the
 echo peer and the phase's generator see their parent die and exit by themselves), start
 the echo peer and, if installed, a local Prometheus;
-then for each phase a fresh :class:`~turnstorm.actuator.LocalPool` at the pool's minimum
+then for each phase a fresh :class:`~turnstorm.relay.actuator.LocalPool` at the pool's minimum
 size, the autoscaler loop (:mod:`turnstorm.localmode.control`) and the Locust storm
 (:func:`turnstorm.loadgen.runner.run_locust`, same seed and shape both times). Every
 child (relays and their cgroups, echo peer, Prometheus, Locust workers) is stopped on
@@ -15,8 +15,8 @@ the way out, on success, on a failure and on Ctrl-C/SIGTERM alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from turnstorm import lifeline
+from turnstorm import children, lifeline
 from turnstorm.errors import TurnstormError
+from turnstorm.loadgen import phaseio
 from turnstorm.localmode.report import IDEAL, PHASES, format_table, table_rows, write_report
 from turnstorm.localmode.scenario import Scenario, ScenarioError, load_scenario
-from turnstorm.localrelay import INSTALL_HINT, free_port
+from turnstorm.relay.process import INSTALL_HINT, free_port
 
 DEFAULT_OUT = "turnstorm-out"
 PRIORITY = -10
@@ -84,7 +85,7 @@ def preflight() -> None:
                              "pip install 'turnstorm[loadgen]' matplotlib")
     if shutil.which("turnserver") is None and not os.access("/usr/bin/turnserver", os.X_OK):
         raise TurnstormError(f"turnserver not found: {INSTALL_HINT}")
-    from turnstorm.cgroup import CgroupError, detect
+    from turnstorm.relay.cgroup import CgroupError, detect
 
     try:
         hierarchy = detect()
@@ -117,14 +118,7 @@ def phase_seconds(options: Options, scenario: Scenario) -> float:
 
 
 def _stop(process: subprocess.Popen[Any], timeout: float = 5.0) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    children.stop(process, timeout=timeout)
 
 
 def start_prometheus(ctx: Context) -> subprocess.Popen[bytes] | None:
@@ -181,23 +175,10 @@ def _wait_released(pool: Any, timeout: float = 3.0) -> None:
         time.sleep(0.2)
 
 
-def quiet_locust() -> None:
-    """Locust's INFO lines, its warning about the shapes' instant steps and the one about
-    the media pump's greenlet (not a user) stay out of the progress view."""
-    import logging
-
-    from turnstorm.loadgen.storm import configure_logging
-
-    configure_logging()
-    noise = ("spawn rate is very high", "didn't have proper args")
-    logging.getLogger("locust.runners").addFilter(
-        lambda record: not any(text in record.getMessage() for text in noise))
-
-
 # -- one phase ------------------------------------------------------------------------------
 
 
-def _storm_job(ctx: Context, phase: str, duration: float, targets: list[str]) -> str:
+def _phase_job(ctx: Context, phase: str, duration: float, targets: list[str]) -> phaseio.PhaseJob:
     from turnstorm.loadgen.config import LoadgenConfig, config_to_dict
     from turnstorm.uri import parse_uri
 
@@ -206,21 +187,21 @@ def _storm_job(ctx: Context, phase: str, duration: float, targets: list[str]) ->
         targets=[parse_uri(u) for u in targets], secret=ctx.secret, peer=ctx.peer,
         session_length=plan.session, max_pps=plan.max_pps,
         binding_interval=plan.binding_interval)
-    return json.dumps({
-        "phase": phase, "config": config_to_dict(config), "shape": plan.shape,
-        "shape_params": plan.shape_params, "duration": duration, "users": plan.users,
-        "turn_weight": plan.turn_weight, "binding_weight": plan.binding_weight,
-        "cgnat": list(plan.cgnat) if plan.cgnat is not None and not options.workers else None,
-        "metrics_port": ctx.loadgen_metrics_port, "workers": options.workers,
-        "web": options.web})
+    return phaseio.PhaseJob(
+        phase=phase, config=config_to_dict(config), shape=plan.shape,
+        shape_params=dict(plan.shape_params), duration=duration, users=plan.users,
+        turn_weight=plan.turn_weight, binding_weight=plan.binding_weight,
+        cgnat=list(plan.cgnat) if plan.cgnat is not None and not options.workers else None,
+        metrics_port=ctx.loadgen_metrics_port, workers=options.workers, web=options.web,
+        priority=PRIORITY)
 
 
 def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
-    from turnstorm.actuator import LocalPool
+    from turnstorm.loadgen.rotation import shared_rotation
     from turnstorm.localmode.control import Controller
-    from turnstorm.localmode.rotation import shared_rotation
     from turnstorm.localmode.series import Row
     from turnstorm.policy import Autoscaler, StormOptions
+    from turnstorm.relay.actuator import LocalPool
 
     scenario, options = ctx.scenario, ctx.options
     spec, plan = scenario.pool, scenario.load
@@ -260,28 +241,28 @@ def run_phase(ctx: Context, phase: str, progress: Any) -> dict[str, Any]:
         sizes = (f"{spec.min_replicas}-{spec.max_replicas} relays" if autoscale
                  else f"{spec.min_replicas} relay{'s' if spec.min_replicas != 1 else ''}")
         child = subprocess.Popen(
-            [sys.executable, "-m", "turnstorm.localmode.storm"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "turnstorm.loadgen.phase"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdin is not None and child.stdout is not None
-            child.stdin.write(_storm_job(ctx, phase, duration, pool.rotation()))
+            child.stdin.write(phaseio.encode(_phase_job(ctx, phase, duration, pool.rotation())))
             child.stdin.close()
             progress.start_phase(f"{label} ({sizes} at {spec.cpu_cores:g} CPU)", duration)
             controller.start()
             started = time.monotonic()
             for line in child.stdout:
-                message = json.loads(line)
-                kind, data = message["kind"], message["data"]
-                if kind == "error":
-                    raise ScenarioError(f"{scenario.path}: LoadRun {plan.name}: {data}")
-                if kind == "result":
-                    result = data
+                record = phaseio.decode(line)
+                if isinstance(record, phaseio.PhaseError):
+                    raise ScenarioError(f"{scenario.path}: LoadRun {plan.name}: "
+                                        f"{record.message}")
+                if isinstance(record, phaseio.PhaseResult):
+                    result = dataclasses.asdict(record)
                     continue
+                if not isinstance(record, phaseio.GeneratorRow):
+                    raise TurnstormError(f"the load generator of phase {phase} sent a "
+                                         f"{type(record).__name__}")
                 status = controller.status
-                data.update(time_s=round(ctx.offset + data["phase_time_s"], 3),
-                            relays_active=status.active, relays_draining=status.draining,
-                            desired=status.desired, allocations=status.allocations)
-                row = Row(**data)
+                row = Row.of(record, status, ctx.offset)
                 rows.append(row)
                 progress.update(row, status, controller.events)
                 if controller.error is not None:
@@ -324,9 +305,9 @@ def run(options: Options) -> int:
     scenario = load_scenario(options.scenario)
     check_options(options)
     preflight()
-    from turnstorm.loadgen.storm import start_echo_process
+    from turnstorm.loadgen.echoproc import start_echo_process
+    from turnstorm.loadgen.rotation import ROTATION_ENV, SEED_ENV, shared_rotation
     from turnstorm.localmode.progress import Progress
-    from turnstorm.localmode.rotation import ROTATION_ENV, SEED_ENV, shared_rotation
 
     progress = Progress(sys.stderr, rich=False if options.plain else None)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -1,3 +1,4 @@
+
 """A real Kubernetes test control plane: etcd + kube-apiserver on loopback, no kubelet.
 
 Binaries come from ``scripts/build-control-plane.sh`` (built from Go modules and cached
@@ -7,11 +8,8 @@ tests assert on API objects (owner references, status, replicas, annotations).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,6 +18,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from turnstorm import children
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-control-plane.sh"
@@ -164,15 +164,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            children.stop(process, timeout=10, group=True)
         self.processes.clear()
         self.names.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -29,7 +29,7 @@ from turnstorm.uri import ServerUri, parse_uri
 
 ROTATION_ENV = "TURNSTORM_ROTATION_FILE"
 SEED_ENV = "TURNSTORM_LOCAL_SEED"
-"""The run's seed for the users of every phase (see :mod:`turnstorm.localmode.users`)."""
+"""The run's seed for the users of every phase (see :mod:`turnstorm.loadgen.rotating`)."""
 
 
 class Rotation:

@@ -8,7 +8,7 @@ ephemeral range) without overlapping: coturn binds relay sockets on its ``relay-
 admin CLI of each relay listens on its own port of 127.0.0.1 with a random password.
 
 Each relay runs coturn with the rendered secure config (:mod:`turnstorm.coturnconf`) and
-is moved into its own CPU-capped cgroup (:mod:`turnstorm.cgroup`), like a pod limit, so
+is moved into its own CPU-capped cgroup (:mod:`turnstorm.relay.cgroup`), like a pod limit, so
 adding relays adds real capacity even on a small machine.
 
 Rotation and drain: the pool's *rotation* is the list of relay URIs handed to new
@@ -37,18 +37,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnstorm.cgroup import CgroupError, CpuCgroup
 from turnstorm.errors import TurnstormError
-from turnstorm.exporter import (
-    CoturnCli,
-    CoturnCliError,
-    Exporter,
-    RelayCollector,
-    SignalTracker,
-    collector_values,
-)
-from turnstorm.localrelay import LocalRelay, free_port, loopback_relay_config
-from turnstorm.policy import Decision, RelaySample
+from turnstorm.policy import Applied, Decision, RelaySample
+from turnstorm.relay.cgroup import CgroupError, CpuCgroup
+from turnstorm.relay.collector import Exporter, RelayCollector, collector_values
+from turnstorm.relay.coturncli import CoturnCli, CoturnCliError
+from turnstorm.relay.process import LocalRelay, free_port, loopback_relay_config
+from turnstorm.signals import SignalTracker
 
 DEFAULT_MIN_PORT = 24000
 DEFAULT_MAX_PORT = 24999
@@ -336,13 +331,12 @@ class LocalPool:
                   f"{self.cpus:g} CPU")
         member.cpu_factor = factor
 
-    def apply(self, decision: Decision, now: float | None = None) -> dict[str, list[str]]:
+    def apply(self, decision: Decision, now: float | None = None) -> Applied:
         """Carry out a :class:`~turnstorm.policy.Decision`: undrain, drain, remove, start
         the relays it still asks for, then resize (a relay that cannot be resized is
         logged and keeps its CPU)."""
         now = self.clock() if now is None else now
-        done: dict[str, list[str]] = {"undrained": [], "drained": [], "removed": [],
-                                      "started": [], "resized": []}
+        done = Applied(undrained=[], drained=[], removed=[], started=[], resized=[])
         for name in decision.undrain:
             self.undrain(name)
             done["undrained"].append(name)

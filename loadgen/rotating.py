@@ -1,26 +1,26 @@
-"""The loadgen's Locust users, with every call sent to a relay of the current rotation.
+"""The loadgen's Locust users, with every call sent to a relay of the current rotation
+(the local mode's users).
 
-Importing this module imports Locust (gevent monkey-patching): only the storm phase and
-Locust worker processes (``module:class`` specs) import it.
+Importing this module imports Locust (gevent monkey-patching): only the phase child
+(:mod:`turnstorm.loadgen.phase`) and Locust worker processes (``module:class`` specs)
+import it.
 
 Hook used: :class:`~turnstorm.loadgen.users.TurnSessionUser` runs one call per task in
 ``_call`` and keeps ``self.target`` for that call; this subclass sets ``self.target``
-from :func:`~turnstorm.localmode.rotation.shared_rotation` before each call. Users are
+from :func:`~turnstorm.loadgen.rotation.shared_rotation` before each call. Users are
 numbered per phase from 0 and seeded with the run's seed, so both phases replay the same
 subscribers (:envvar:`TURNSTORM_LOCAL_SEED` carries the seed to worker processes).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import random
 from typing import Any
 
-from turnstorm.loadgen.shapes import no_backoff
+from turnstorm.loadgen.rotation import SEED_ENV, shared_rotation
 from turnstorm.loadgen.users import StunBindingUser, TurnSessionUser
-from turnstorm.localmode.rotation import SEED_ENV, shared_rotation
 from turnstorm.uri import ServerUri
 
 _numbers = itertools.count()
@@ -33,13 +33,8 @@ def reset_numbers() -> None:
 
 
 def _renumber(user: Any) -> None:
-    user.number = next(_numbers)
-    user.rng = random.Random(f"{os.environ.get(SEED_ENV, '0')}:{user.number}")
-    config = user.state.config
-    user.backoff = not no_backoff(user.number, config.no_backoff_fraction)
-    user.policy = (config.policy if user.backoff
-                   else dataclasses.replace(config.policy, backoff=False))
-    user._retransmits_key = "retransmits_backoff" if user.backoff else "retransmits_no_backoff"
+    number = next(_numbers)
+    user.renumber(number, random.Random(f"{os.environ.get(SEED_ENV, '0')}:{number}"))
     target = shared_rotation().pick()
     if target is not None:
         user.target = target

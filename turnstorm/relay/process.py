@@ -7,17 +7,15 @@ pid file and user database, all removed on stop.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 
-from turnstorm import lifeline
+from turnstorm import children, lifeline
 from turnstorm.coturnconf import RelayConfig, render
 from turnstorm.errors import TurnstormError
 from turnstorm.proto import stun
@@ -144,16 +142,8 @@ class LocalRelay:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL; removes the work directory."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        if self.process is not None:
+            children.stop(self.process, timeout=timeout, group=True)
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             lifeline.untrack(self.workdir)
