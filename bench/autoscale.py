@@ -456,19 +456,19 @@ def setups(slo_calls: int, max_relays: int) -> list[PolicySetup]:
             policy({"allocationsPerRelay": ours}, down_window=30, vertical=VERTICAL), 1,
             max_relays,
             StormOptions(lookahead_seconds=30, slope_window_seconds=10)), interval=1,
-            drain=True, pack_fill=ours,
+            scale_in="drain", pack_fill=ours,
             description=f"allocationsPerRelay {ours}, storm lookahead 30 s over a 10 s slope "
                         "window, interval 1 s, scaleDown window 30 s, placement pack, drain "
                         f"(deadline 900 s), vertical {VERTICAL.min_factor:.0%}-"
                         f"{VERTICAL.max_factor:.0%} in steps of {VERTICAL.step:.0%}"),
         PolicySetup("hpa-cpu70", lambda: Autoscaler(
             policy({"cpuUtilization": 70}), 1, max_relays, StormOptions(enabled=False)),
-            interval=15, drain=False,
+            interval=15, scale_in="delete",
             description="cpuUtilization 70 %, default behaviors, sync 15 s, CPU over 15 s, "
                         "deletes newest"),
         PolicySetup("keda-alloc", lambda: Autoscaler(
             policy({"allocationsPerRelay": keda}), 1, max_relays, StormOptions(enabled=False)),
-            interval=15, drain=False,
+            interval=15, scale_in="delete",
             description=f"allocationsPerRelay {keda}, default behaviors, sync 15 s, "
                         "deletes newest"),
     ]
