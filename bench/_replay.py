@@ -263,7 +263,7 @@ def spread_text(values: tuple[float, float, float]) -> str:
     return f"{low:.0f}/{mid:.0f}/{high:.0f}"
 
 
-HEADER = (f"    {'policy':<20}{'SLO-viol s':>13}{'CPU relay-s':>18}{'pod-s':>7}{'cut':>6}"
+HEADER = (f"    {'policy':<23}{'SLO-viol s':>13}{'CPU relay-s':>18}{'pod-s':>7}{'cut':>6}"
           f"{'peak':>5}{'resizes':>8}{'viol x':>7}{'CPU x':>7}{'pod x':>7}{'CPU/or':>7}"
           f"{'pod/or':>7}")
 
@@ -282,7 +282,7 @@ def table(rows: list[Row], only: Callable[[Row], bool] = lambda _r: True) -> lis
         cpu = row.median(lambda r: r.replica_seconds)
         pods = row.median(lambda r: r.pod_seconds)
         lines.append(
-            f"    {row.policy + (' *' if row is best else ''):<20}"
+            f"    {row.policy + (' *' if row is best else ''):<23}"
             f"{spread_text(row.spread(lambda r: r.slo_violation_seconds)):>13}"
             f"{spread_text(row.spread(lambda r: r.replica_seconds)):>18}{pods:>7.0f}"
             f"{row.median(lambda r: r.allocations_cut):>6.0f}"
@@ -299,4 +299,4 @@ def table(rows: list[Row], only: Callable[[Row], bool] = lambda _r: True) -> lis
 def describe(model: RelayModel, footing: Footing) -> list[str]:
     slo_calls = model.slo_sessions(SLO_RTT_MS, SLO_LOSS)
     chosen = [*baselines(slo_calls, footing), ours(slo_calls, footing, footing.interval)]
-    return [f"  {s.name:<20}{s.description}" for s in chosen]
+    return [f"  {s.name:<21}{s.description}" for s in chosen]
