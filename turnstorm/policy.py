@@ -17,7 +17,9 @@ Baseline semantics are the HorizontalPodAutoscaler v2's:
 Storm extensions (``StormOptions``): project fast-growing allocation and binding signals
 forward by the time a new relay takes to start, enforce relay-port capacity as a hard
 floor (each allocation holds one relay port), and scale up at once when the kernel
-drops UDP datagrams.
+drops UDP datagrams, at least ``UDP_DROP_MIN_RATE`` a second (an isolated drop, as when a
+CPU-throttling stall fills the socket buffer once, is far inside any loss SLO and no
+reason to start a relay).
 
 Vertical resizing (``spec.scaling.vertical``): a relay's CPU, as a factor of
 ``spec.resources.cpu``, follows its allocations against the ``allocationsPerRelay``
@@ -39,7 +41,9 @@ drained relay can only leave when its last call ends, so every relay that takes 
 costs at least the length of its longest call: packing keeps the relays started ahead of
 a storm empty until they are really needed (removed at no cost when they are not), and
 sends the calls that come after a storm to the relays that stay, not to those about to
-drain. The local mode's balancer packs call by call; the operator approximates it with
+drain. A relay resized above 100 % counts as full (:func:`saturated`) until its calls
+bring it back: refilled to the target, it would keep its extra CPU for good. The local
+mode's balancer packs call by call; the operator approximates it with
 :func:`open_relays` (relays outside that set wait out of the Service, label
 ``turnstorm.io/rotation=standby``, from the evaluation after they become ready).
 """
@@ -56,6 +60,10 @@ from turnstorm.spec import ScalingPolicy
 
 RATE_SIGNALS = ("allocations", "binding_rate")
 """Signals whose rate of change is projected forward during storms."""
+
+UDP_DROP_MIN_RATE = 1.0
+"""Kernel UDP drops (datagrams/s, a relay's counter rate over the evaluation interval)
+below which a relay counts as not dropping: for the storm's scale-up and for ``pack``."""
 
 
 @dataclass
@@ -349,7 +357,7 @@ class Autoscaler:
         # Relays already starting are the answer to drops seen meanwhile: evaluated every
         # second, the step would otherwise add a relay per second until one is ready.
         if ("udp_rcvbuf_errors" not in self._targets() and not starting
-                and any((d or 0) > 0 for d in drops)):
+                and any(dropping(d) for d in drops)):
             needed = len(active) + self.storm.udp_drop_step
             if floor is None or needed > floor[1]:
                 floor = ("udp_drops", needed)
@@ -400,10 +408,17 @@ def _steps(value: float, step: float) -> float:
     return round(math.ceil(value / step - 1e-9) * step, 6)
 
 
+def dropping(rate: float | None) -> bool:
+    """Whether a UDP drop rate (datagrams/s) is one: at least ``UDP_DROP_MIN_RATE``."""
+    return rate is not None and rate >= UDP_DROP_MIN_RATE
+
+
 def saturated(relay: RelaySample, targets: dict[str, float]) -> bool:
     """A relay that should take no more calls now, whatever its allocation count: a
-    signal other than allocations at or over its target (``SIGNALS`` names), or the
-    kernel dropping its datagrams."""
+    signal other than allocations at or over its target (``SIGNALS`` names), the kernel
+    dropping its datagrams, or its CPU resized above the pool's (vertical resizing: it
+    got the extra CPU for calls over the target, and comes back to 100 % only once calls
+    end, so ``pack`` must not refill it to the target)."""
     for name, target in targets.items():
         signal = SIGNALS.get(name)
         if signal is None or signal == "allocations":
@@ -411,7 +426,7 @@ def saturated(relay: RelaySample, targets: dict[str, float]) -> bool:
         value = relay.signals.get(signal)
         if value is not None and value >= target:
             return True
-    return (relay.signals.get("udp_rcvbuf_errors") or 0.0) > 0
+    return dropping(relay.signals.get("udp_rcvbuf_errors")) or relay.cpu_factor > 1.0
 
 
 def open_relays(relays: list[RelaySample], fill: float, headroom: float,

@@ -6,28 +6,48 @@ capacity comes from a :class:`RelayModel` calibrated on real CPU-capped coturn (
 
 **Trace.** A list of sessions (arrival second, duration, relayed packets/s). Generators:
 :func:`reconnect_storm` (a background of calls, then ``share`` of ``subscribers``
-re-allocate within ``window`` seconds) and :func:`flash_crowd` (arrivals ramp up to a
-plateau, then back down). Call durations are log-normal, capped at ``max_duration``.
+re-allocate within ``window`` seconds), :func:`flash_crowd` (arrivals ramp up to a
+plateau, then back down), :func:`reconnect_waves` (a CGNAT failover: a wave, then the
+retries after their backoff), :func:`regional_failover` (a neighbouring region's calls in
+progress move in, then its new calls too, for a while) and :func:`diurnal_ramp` (a
+foreseeable busy hour). Call durations are log-normal, capped at ``max_duration``.
 
 **Each second** (in this order):
 
-1. relays whose start-up delay has passed become ready (in rotation);
-2. sessions whose duration is over end; sessions on a relay losing more than
-   ``restart_loss`` of its packets for ``restart_after`` seconds re-allocate (an ICE
-   restart) on the least-loaded relay in rotation, when that relay is less loaded;
-3. arriving sessions are placed on the least-loaded ready relay in rotation (rejected
-   when there is none), or, for a setup with ``pack_fill`` (``placement: pack``), on the
-   oldest relay in rotation with fewer than ``pack_fill`` sessions (least-loaded when all
-   are that full);
-4. each relay's offered load ``lambda`` (relayed packets/s) gives its utilization
-   ``rho = lambda / mu``, loss, p99 RTT and CPU from the queueing model below;
-5. the pool's second violates the SLO when its packet-weighted p99 RTT exceeds
+1. resizes whose grant delay has passed take effect (or are refused, see below); relays
+   whose start-up delay has passed are ready;
+2. sessions whose duration is over end; relays deleted by a ReplicaSet (``prestop``)
+   leave once their ``preStop`` hook sees no call left (it looks every
+   ``PRESTOP_POLL_SECONDS``), or at the drain deadline with the calls left cut;
+3. sessions on a relay losing more than ``restart_loss`` of its packets for
+   ``restart_after`` seconds re-allocate (an ICE restart) on the least-loaded relay
+   clients see, when that relay is less loaded;
+4. arriving sessions go to the relays clients see (the endpoints as they were
+   ``endpoint_delay`` seconds ago: ready, in rotation, not on standby, not deleted):
+   the least-loaded (rejected when there is none), or, for the local mode's ``pack``
+   (``pack_fill`` without ``standby_headroom``), the oldest below ``pack_fill`` sessions
+   and not resized above its CPU;
+5. each relay's offered load ``lambda`` (relayed packets/s) gives its utilization
+   ``rho = lambda / mu``, loss, p99 RTT and CPU from the queueing model below; drops are
+   whole datagrams (the expected fraction carries over to the next second), as kernel
+   counters are;
+6. the pool's second violates the SLO when its packet-weighted p99 RTT exceeds
    ``slo_rtt_ms`` or its packet-weighted loss exceeds ``slo_loss``;
-6. every ``interval`` seconds the policy evaluates the relays' samples and its decision
-   is applied: new relays start (ready after ``startup`` seconds); scale-in either drains
-   (out of rotation, removed when empty or at the drain deadline, the sessions left then
-   are cut) or, like a Deployment/StatefulSet scaled by HPA/KEDA, deletes the newest
-   relays at once, cutting their sessions.
+7. every ``interval`` seconds the policy evaluates the relays' samples, each relay's state
+   as it was ``metric_lag`` seconds ago (missing for a relay that did not serve then;
+   the UDP drop signal is the counter's rate over the interval), and its decision is
+   applied: new relays start (ready after ``startup`` seconds); scale-in ``drain``s (out
+   of rotation, removed when empty or at the drain deadline, the sessions left then are
+   cut), or, like a Deployment scaled by HPA/KEDA, the ReplicaSet picks the pods
+   (:func:`replicaset_victims`) and either deletes them at once, cutting their sessions
+   (``delete``), or lets each drain in its ``preStop`` hook (``prestop``, the rendered
+   one: out of the Service, it keeps its calls and costs its relay-seconds until they
+   end). Relays being deleted are not the policy's any more (HPA ignores them). With
+   ``standby_headroom``, ``pack`` is applied as the operator does: the ready relays
+   outside :func:`~turnstorm.policy.open_relays` are put on standby.
+
+:func:`oracle` is the hindsight bound: each second the fewest relays that keep every relay
+within its knee, calls placed perfectly, no start-up delay.
 
 **Queueing model** (one relay = one single-server queue, M/M/1/K):
 
@@ -49,20 +69,26 @@ at least its share of the throughput) and ``mu * (1 + (f - 1) * m)`` above 1, wh
 ``m`` (``RelayModel.burst_marginal``, between 0 and 1) is the throughput each extra unit
 of CPU adds, measured by the bench on a relay resized in place: more CPU never makes a
 relay slower, and never more than linearly faster.
-Resizes apply at the next second. ``replica_seconds`` counts every relay at its CPU
-factor (a relay at 150 % counts 1.5, one shrunk to 25 % counts 0.25), so that CPU given
-or taken by resizing is paid for; ``pod_seconds`` counts relays whatever their size.
+Resizes take ``resize_delay`` seconds; a relay on a node without spare CPU (a
+``resize_refusal`` share of them, the same relays for every policy of a seed) keeps the
+pool's CPU when asked for more, while the policy, going by the pod spec, sees it granted.
+``replica_seconds`` counts every relay at the CPU it has (a relay at 150 % counts 1.5,
+one shrunk to 25 % counts 0.25), so that CPU given or taken by resizing is paid for;
+``pod_seconds`` counts relays whatever their size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from turnstorm.policy import Autoscaler, Decision, RelaySample
+from turnstorm.policy import Autoscaler, Decision, RelaySample, open_relays
 
 MEDIA_PPS = 50
 """Packets/s each way of one call (20 ms audio frames)."""
@@ -98,7 +124,7 @@ class RelayModel:
         return cls(capacity_pps, cpu_per_packet, cpu_limit, base_p99_ms, queue,
                    max(max_p99_ms, knee_p99_ms))
 
-    @property
+    @functools.cached_property
     def buffer_packets(self) -> int:
         return max(1, round(self.capacity_pps * self.max_p99_ms / 1000))
 
@@ -225,7 +251,87 @@ def flash_crowd(seed: int, *, peak_rate: float = 8.0, ramp: int = 60, hold: int 
                  f"t={start} s over {background} calls")
 
 
+def reconnect_waves(seed: int, *, subscribers: int = 4000,
+                    waves: tuple[tuple[int, float, int], ...] = ((60, 0.15, 20),
+                                                                 (150, 0.15, 45)),
+                    background: int = 300, median: float = 120.0, max_duration: int = 600,
+                    length: int = 1200) -> Trace:
+    """A CGNAT failover: the standby box holds none of the NAT bindings, so the calls behind
+    it re-allocate at once (the first wave); the clients whose retry lands while the box is
+    still converging fail again and come back after their backoff, spread wider (the
+    second). Each wave is (start, share of ``subscribers``, window seconds)."""
+    rng = random.Random(seed)
+    sessions = _background(rng, background, median, max_duration, length)
+    for start, share, window in waves:
+        for _ in range(round(subscribers * share)):
+            sessions.append(Session(start + int(rng.uniform(0, window)),
+                                    _duration(rng, median, max_duration)))
+    sessions.sort(key=lambda s: s.arrival)
+    shape = ", ".join(f"{share:.0%} within {window} s at t={start} s"
+                      for start, share, window in waves)
+    return Trace("reconnect waves", sessions, length, waves[0][0],
+                 f"of {subscribers} subscribers {shape} over {background} calls")
+
+
+def _arrivals(rng: random.Random, rate: Callable[[float], float], peak: float, start: float,
+              end: float) -> list[float]:
+    """Poisson arrivals of a time-varying ``rate`` (at most ``peak``) by thinning."""
+    out: list[float] = []
+    t = start
+    while True:
+        t += rng.expovariate(peak)
+        if t >= end:
+            return out
+        if rng.random() * peak < rate(t):
+            out.append(t)
+
+
+def regional_failover(seed: int, *, moved: int = 900, window: int = 20, start: int = 60,
+                      extra_rate: float = 3.0, hold: int = 420, background: int = 300,
+                      median: float = 120.0, max_duration: int = 600, length: int = 1200
+                      ) -> Trace:
+    """A neighbouring region's relays fail: its ``moved`` calls in progress ICE-restart
+    onto this pool within ``window`` s (each for what is left of it), and its new calls
+    arrive here too (``extra_rate``/s more) for ``hold`` s, until it fails back."""
+    rng = random.Random(seed)
+    sessions = _background(rng, background, median, max_duration, length)
+    for _ in range(moved):
+        left = max(5, round(rng.uniform(0, 1) * _duration(rng, median, max_duration)))
+        sessions.append(Session(start + int(rng.uniform(0, window)), left))
+    for t in _arrivals(rng, lambda _t: extra_rate, extra_rate, start, start + hold):
+        sessions.append(Session(int(t), _duration(rng, median, max_duration)))
+    sessions.sort(key=lambda s: s.arrival)
+    return Trace("regional failover", sessions, length, start,
+                 f"{moved} calls move in within {window} s at t={start} s, then "
+                 f"{extra_rate:g} more calls/s for {hold} s, over {background} calls")
+
+
+def diurnal_ramp(seed: int, *, peak_rate: float = 6.0, ramp: int = 600, start: int = 60,
+                 background: int = 300, median: float = 120.0, max_duration: int = 600,
+                 length: int = 1200) -> Trace:
+    """The busy hour, compressed: new calls ramp linearly up by ``peak_rate``/s over
+    ``ramp`` s and stay there (no storm: what the pool costs when load is foreseeable)."""
+    rng = random.Random(seed)
+    sessions = _background(rng, background, median, max_duration, length)
+
+    def rate(t: float) -> float:
+        return peak_rate * min(1.0, (t - start) / ramp)
+
+    for t in _arrivals(rng, rate, peak_rate, start, length):
+        sessions.append(Session(int(t), _duration(rng, median, max_duration)))
+    sessions.sort(key=lambda s: s.arrival)
+    return Trace("diurnal ramp", sessions, length, start,
+                 f"arrivals ramp up by {peak_rate:g}/s over {ramp} s from t={start} s over "
+                 f"{background} calls")
+
+
 # -- the pool ---------------------------------------------------------------------------------
+
+
+ScaleIn = Literal["drain", "delete", "prestop"]
+
+PRESTOP_POLL_SECONDS = 2
+"""How often the rendered ``preStop`` hook looks for bound relay ports (its ``sleep``)."""
 
 
 @dataclass
@@ -236,13 +342,22 @@ class PolicySetup:
     make: Callable[[], Autoscaler]
     interval: int = 15
     """Seconds between evaluations (HPA's sync period is 15 s)."""
-    drain: bool = True
-    """True: drain then remove; False: delete the newest relays at once (HPA/KEDA)."""
+    scale_in: ScaleIn = "drain"
+    """``drain``: the policy drains the relays it picks, then removes them (ours).
+    ``delete``: a Deployment scaled down by HPA/KEDA, the ReplicaSet's pick deleted at once
+    with its calls. ``prestop``: the same pick, but each deleted relay drains in its
+    ``preStop`` hook (the rendered one): out of the Service, it keeps its calls until they
+    end or the drain deadline passes, and costs its relay-seconds meanwhile."""
     cpu_window: int = 15
     """CPU is read averaged over this many seconds (metrics-server's resolution)."""
     pack_fill: float | None = None
-    """``placement: pack``: sessions fill the oldest relays up to this many each (the
-    allocation target); None spreads them (least-loaded, as a Service balances)."""
+    """``placement: pack``: sessions fill relays up to this many each (the allocation
+    target); None spreads them (least-loaded, as a Service balances)."""
+    standby_headroom: float | None = None
+    """With ``pack_fill``: pack as the operator does it on a cluster. At each evaluation
+    the relays outside :func:`~turnstorm.policy.open_relays` (with this headroom) are put
+    on standby, out of the Service; calls spread over the others. None: the local mode's
+    balancer, call by call (the oldest relay in rotation below the fill first)."""
     description: str = ""
 
 
@@ -253,17 +368,35 @@ class SimRelay:
     ready_at: int
     sessions: dict[int, int] = field(default_factory=dict)
     """Session id -> end second."""
+    load: float = 0.0
+    """Relayed packets/s of its sessions."""
     draining: bool = False
     drain_started: float | None = None
+    deleted_at: int | None = None
+    """``prestop``: when the ReplicaSet deleted it (it drains in its preStop hook)."""
+    standby: bool = False
     lossy_for: int = 0
-    cpu: deque[float] = field(default_factory=lambda: deque(maxlen=60))
-    last_load: float = 0.0
+    records: deque[tuple[int, bool, float, float, int, float]] = field(
+        default_factory=lambda: deque(maxlen=128))
+    """Per second: (t, ready, allocations, CPU percent, datagrams dropped, p99 ms)."""
+    carry: float = 0.0
+    """Expected drops not yet a whole datagram."""
     last_loss: float = 0.0
-    last_p99: float = 0.0
     cpu_factor: float = 1.0
+    """The CPU its pod spec asks for (what the policy sees)."""
+    applied_factor: float = 1.0
+    """The CPU it has (a resize is granted after a delay, or refused)."""
+    grows: bool = True
+    """Its node has spare CPU for a resize above the pool's CPU."""
 
-    def load(self, pps: dict[int, float]) -> float:
-        return sum(pps[s] for s in self.sessions)
+    def add(self, sid: int, end: int, pps: float) -> None:
+        self.sessions[sid] = end
+        self.load += pps
+
+    def drop(self, sid: int, pps: float) -> int:
+        end = self.sessions.pop(sid)
+        self.load = max(0.0, self.load - pps) if self.sessions else 0.0
+        return end
 
 
 @dataclass
@@ -301,6 +434,8 @@ class SimResult:
     """``replica_seconds`` plus, for every relay deleted with calls on it, the seconds it
     would have had to live for those calls to end: what the same decisions cost without
     cutting a call (equal to ``replica_seconds`` for a policy that never cuts)."""
+    refused: int = 0
+    """Resizes above the pool's CPU that the relay's node could not grant."""
 
 
 @dataclass
@@ -317,6 +452,18 @@ class SimConfig:
     restart_share: float = 0.2
     """Share of a lossy relay's sessions that restart per second."""
     port_capacity: int = 1000
+    metric_lag: int = 0
+    """Seconds between a relay's state and the policy seeing it (every policy alike)."""
+    endpoint_delay: int = 0
+    """Seconds until clients see a change of the relays taking new calls (a relay ready,
+    drained, deleted, put on standby or back): endpoint propagation."""
+    resize_delay: int = 1
+    """Seconds from a resize decision until the relay has the new CPU."""
+    resize_refusal: float = 0.0
+    """Share of relays whose node has no spare CPU: a resize above the pool's CPU stays
+    pending (the policy goes by the pod spec and sees it granted)."""
+    seed: int = 0
+    """The ReplicaSet's ties (pod UIDs) and which nodes have spare CPU."""
 
 
 def pool_p99(parts: list[tuple[float, float]]) -> float:
@@ -333,168 +480,330 @@ def pool_p99(parts: list[tuple[float, float]]) -> float:
     return max(p for _, p in parts)
 
 
-def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
-             config: SimConfig | None = None) -> SimResult:
-    cfg = config or SimConfig()
-    scaler = setup.make()
-    relays: dict[str, SimRelay] = {}
-    counter = 0
-    events: list[str] = []
+def _log2_rank(seconds: float) -> int:
+    """The ReplicaSet's logarithmic rank of a duration (``logarithmicRankDiff``: the
+    integer log2 of nanoseconds; -1 when not positive)."""
+    return int(math.log2(seconds * 1e9)) if seconds > 0 else -1
 
-    def start(ready_at: int) -> None:
-        nonlocal counter
-        name = f"relay-{counter}"
-        relays[name] = SimRelay(name, counter, ready_at)
-        counter += 1
 
-    for _ in range(cfg.initial):
-        start(0)
-    pps: dict[int, float] = {}
-    arrivals: dict[int, list[int]] = {}
-    for sid, session in enumerate(trace.sessions):
-        arrivals.setdefault(session.arrival, []).append(sid)
-        pps[sid] = session.pps
-    cut = rejected = restarts = pod_seconds = resizes = 0
-    replica_seconds = 0.0
-    shadow: list[int] = []
-    """Seconds deleted relays would have lived until their last call ended."""
+def replicaset_victims(relays: list[SimRelay], count: int, now: int, rng: random.Random
+                       ) -> list[SimRelay]:
+    """The pods a ReplicaSet scaled down by ``count`` deletes (``ActivePodsWithRanks``
+    with ``LogarithmicScaleDown``, one pod per node, no deletion cost): not ready before
+    ready; the ready ones ready for less time first, the others created more recently
+    first, both in log2 buckets; ties in random order (the pods' UIDs)."""
+    def rank(relay: SimRelay) -> tuple[bool, int, int, float]:
+        ready = relay.ready_at <= now
+        since_ready = _log2_rank(now - relay.ready_at) if ready else -1
+        created = relay.ready_at if ready else now  # not tracked apart: start-up is fixed
+        return (ready, since_ready, _log2_rank(now - created), rng.random())
+
+    return sorted(relays, key=rank)[:max(0, count)]
+
+
+def oracle(trace: Trace, per_relay: int, min_relays: int = 1) -> SimResult:
+    """The hindsight bound: each second the fewest relays that keep every relay within
+    ``per_relay`` calls (its knee), with perfect placement (calls move freely) and no
+    start-up delay. Nothing is cut and the SLO always holds."""
+    change = [0] * (trace.length + 1)
+    for session in trace.sessions:
+        if session.arrival < trace.length:
+            change[session.arrival] += 1
+            change[min(trace.length, session.arrival + session.duration)] -= 1
     seconds: list[Second] = []
+    calls = 0
+    for t in range(trace.length):
+        calls += change[t]
+        relays = max(min_relays, math.ceil(calls / max(1, per_relay)))
+        seconds.append(Second(t, relays, relays, calls, 0.0, 0.0, False, float(relays)))
+    total = sum(s.relays for s in seconds)
+    return SimResult(policy="oracle", trace=trace.name, seconds=seconds,
+                     replica_seconds=float(total), slo_violation_seconds=0,
+                     allocations_cut=0, rejected=0, restarts=0, recover_seconds=0,
+                     peak_relays=max(s.relays for s in seconds), pod_seconds=total,
+                     resizes=0, events=[], uncut_replica_seconds=float(total))
 
-    def rotation(now: int) -> list[SimRelay]:
-        return [r for r in relays.values() if r.ready_at <= now and not r.draining]
 
-    def place(sid: int, end: int, now: int) -> bool:
-        candidates = rotation(now)
-        if not candidates:
-            return False
-        fill = setup.pack_fill
-        if fill is not None:
-            # dict order is start order: the oldest relay with room first.
-            for relay in candidates:
-                if len(relay.sessions) < fill:
-                    relay.sessions[sid] = end
-                    return True
-        target = min(candidates, key=lambda r: (r.load(pps), r.index))
-        target.sessions[sid] = end
-        return True
+class Pool:
+    """One replay's state; :func:`simulate` steps it second by second."""
 
-    for now in range(trace.length):
-        # 2. departures and ICE restarts
-        for relay in relays.values():
-            for sid in [s for s, end in relay.sessions.items() if end <= now]:
-                del relay.sessions[sid]
-        for relay in list(relays.values()):
-            if relay.lossy_for < cfg.restart_after or not relay.sessions:
+    def __init__(self, trace: Trace, model: RelayModel, setup: PolicySetup,
+                 cfg: SimConfig) -> None:
+        self.trace, self.model, self.setup, self.cfg = trace, model, setup, cfg
+        self.scaler = setup.make()
+        self.rng = random.Random(cfg.seed)
+        self.relays: dict[str, SimRelay] = {}
+        self.counter = 0
+        self.events: list[str] = []
+        self.pps = [s.pps for s in trace.sessions]
+        self.arrivals: dict[int, list[int]] = {}
+        for sid, session in enumerate(trace.sessions):
+            self.arrivals.setdefault(session.arrival, []).append(sid)
+        self.where: dict[int, SimRelay] = {}
+        self.ends: dict[int, list[int]] = {}
+        self.endpoints: deque[frozenset[str]] = deque(maxlen=cfg.endpoint_delay + 1)
+        self.pending: list[tuple[int, str, float]] = []
+        self.cut = self.rejected = self.restarts = self.pod_seconds = 0
+        self.resizes = self.refused = 0
+        self.replica_seconds = 0.0
+        self.shadow: list[int] = []
+        """Seconds deleted relays would have lived until their last call ended."""
+        self.seconds: list[Second] = []
+        for _ in range(cfg.initial):
+            self.start(0)
+
+    # -- relays ------------------------------------------------------------------------------
+
+    def start(self, ready_at: int) -> None:
+        index = self.counter
+        self.counter += 1
+        spare = random.Random(self.cfg.seed * 1_000_003 + index).random()
+        self.relays[f"relay-{index}"] = SimRelay(f"relay-{index}", index, ready_at,
+                                                 grows=spare >= self.cfg.resize_refusal)
+
+    def place(self, relay: SimRelay, sid: int, end: int) -> None:
+        relay.add(sid, end, self.pps[sid])
+        self.where[sid] = relay
+        self.ends.setdefault(end, []).append(sid)
+
+    def unplace(self, sid: int) -> None:
+        relay = self.where.pop(sid)
+        relay.drop(sid, self.pps[sid])
+
+    def delete(self, relay: SimRelay, now: int, verb: str) -> None:
+        """The relay goes now; the calls still on it are cut."""
+        del self.relays[relay.name]
+        left = list(relay.sessions)
+        if left:
+            self.shadow.append(max(relay.sessions.values()) - now)
+        for sid in left:
+            self.unplace(sid)
+        self.cut += len(left)
+        self.events.append(f"t={now} {verb} {relay.name} ({len(left)} cut)")
+
+    def takes_calls(self, relay: SimRelay, now: int) -> bool:
+        return (relay.ready_at <= now and not relay.draining and relay.deleted_at is None
+                and not relay.standby)
+
+    def serving(self) -> list[SimRelay]:
+        """The relays clients send new calls to: as they were ``endpoint_delay`` ago, of
+        those still up (oldest first)."""
+        seen = self.endpoints[0]
+        return [r for r in self.relays.values() if r.name in seen]
+
+    # -- one second --------------------------------------------------------------------------
+
+    def step(self, now: int) -> None:
+        self.apply_resizes(now)
+        for sid in self.ends.pop(now, []):
+            if sid in self.where:
+                self.unplace(sid)
+        self.finish_prestop(now)
+        self.endpoints.append(frozenset(
+            r.name for r in self.relays.values() if self.takes_calls(r, now)))
+        serving = self.serving()
+        self.ice_restarts(serving)
+        for sid in self.arrivals.get(now, []):
+            target = self.choose(serving)
+            if target is None:
+                self.rejected += 1
+            else:
+                self.place(target, sid, now + self.trace.sessions[sid].duration)
+        self.measure(now)
+        if now % self.setup.interval == 0:
+            self.evaluate(now)
+
+    def apply_resizes(self, now: int) -> None:
+        due = [p for p in self.pending if p[0] <= now]
+        self.pending = [p for p in self.pending if p[0] > now]
+        for _, name, factor in due:
+            relay = self.relays.get(name)
+            if relay is None:
                 continue
-            ready = [r for r in rotation(now) if r is not relay]
+            granted = factor if relay.grows else min(factor, max(1.0, relay.applied_factor))
+            if granted < factor:
+                self.refused += 1
+            relay.applied_factor = granted
+
+    def finish_prestop(self, now: int) -> None:
+        """Relays draining in their preStop hook: gone at the hook's first look after their
+        last call ends; at the deadline the hook returns and the calls left are cut."""
+        deadline = self.scaler.policy.drain_deadline_seconds
+        for relay in [r for r in self.relays.values() if r.deleted_at is not None]:
+            assert relay.deleted_at is not None
+            waited = now - relay.deleted_at
+            if waited >= deadline:
+                self.delete(relay, now, "stop at preStop deadline:")
+            elif not relay.sessions and (waited - 1) % PRESTOP_POLL_SECONDS == 0:
+                # (the hook looks at the deletion and every poll after; seen a second on)
+                self.delete(relay, now, "stop after preStop:")
+
+    def ice_restarts(self, serving: list[SimRelay]) -> None:
+        for relay in list(self.relays.values()):
+            if relay.lossy_for < self.cfg.restart_after or not relay.sessions:
+                continue
+            ready = [r for r in serving if r is not relay]
             if not ready:
                 continue
-            best = min(ready, key=lambda r: (r.load(pps), r.index))
-            movers = sorted(relay.sessions)[:math.ceil(len(relay.sessions) * cfg.restart_share)]
-            for sid in movers:
-                if best.load(pps) + pps[sid] >= relay.load(pps) - pps[sid]:
+            best = min(ready, key=lambda r: (r.load, r.index))
+            count = math.ceil(len(relay.sessions) * self.cfg.restart_share)
+            for sid in sorted(relay.sessions)[:count]:
+                if best.load + self.pps[sid] >= relay.load - self.pps[sid]:
                     break
-                best.sessions[sid] = relay.sessions.pop(sid)
-                restarts += 1
-        # 3. arrivals
-        for sid in arrivals.get(now, []):
-            if not place(sid, now + trace.sessions[sid].duration, now):
-                rejected += 1
-        # 4-5. relay state and the pool's SLO
+                end = relay.sessions[sid]
+                self.unplace(sid)
+                self.place(best, sid, end)
+                self.restarts += 1
+
+    def choose(self, serving: list[SimRelay]) -> SimRelay | None:
+        if not serving:
+            return None
+        fill = self.setup.pack_fill
+        if fill is not None and self.setup.standby_headroom is None:
+            # the local balancer: the oldest relay with room, unless resized above its CPU
+            # (it takes no more calls until its allocations bring it back to 100 %)
+            for relay in serving:
+                if len(relay.sessions) < fill and relay.cpu_factor <= 1.0:
+                    return relay
+        return min(serving, key=lambda r: (r.load, r.index))
+
+    def measure(self, now: int) -> None:
+        """Each relay's loss (whole datagrams), p99 and CPU; the pool's SLO; the cost."""
         parts: list[tuple[float, float]] = []
         lost = packets = 0.0
-        for relay in relays.values():
-            load = relay.last_load = relay.load(pps)
-            equivalent = model.equivalent_load(load, relay.cpu_factor)
-            relay.last_loss = model.loss(equivalent)
-            relay.last_p99 = model.p99_ms(equivalent) if load > 0 else 0.0
-            relay.cpu.append(model.cpu_percent(equivalent) if relay.ready_at <= now else 0.0)
-            relay.lossy_for = relay.lossy_for + 1 if relay.last_loss > cfg.restart_loss else 0
+        for relay in self.relays.values():
+            load = relay.load if relay.sessions else 0.0
+            equivalent = self.model.equivalent_load(load, relay.applied_factor)
+            expected = load * self.model.loss(equivalent) + relay.carry
+            dropped = math.floor(expected)
+            relay.carry = expected - dropped
+            relay.last_loss = dropped / load if load > 0 else 0.0
+            p99 = self.model.p99_ms(equivalent) if load > 0 else 0.0
+            ready = relay.ready_at <= now
+            relay.records.append((now, ready, float(len(relay.sessions)),
+                                  self.model.cpu_percent(equivalent) if ready else 0.0,
+                                  dropped, p99))
+            relay.lossy_for = relay.lossy_for + 1 if relay.last_loss > self.cfg.restart_loss \
+                else 0
             if load > 0:
-                parts.append((load, relay.last_p99))
-                lost += load * relay.last_loss
+                parts.append((load, p99))
+                lost += dropped
                 packets += load
         p99 = pool_p99(parts)
         loss = lost / packets if packets else 0.0
-        violating = p99 > cfg.slo_rtt_ms or loss > cfg.slo_loss
-        cpu = sum(r.cpu_factor for r in relays.values())
-        replica_seconds += cpu
-        pod_seconds += len(relays)
-        seconds.append(Second(now, len(relays), len(rotation(now)),
-                              sum(len(r.sessions) for r in relays.values()), p99, loss,
-                              violating, cpu))
-        # 6. the policy
-        if now % setup.interval == 0:
-            samples = [_sample(r, now, model, setup, cfg) for r in relays.values()]
-            decision = scaler.evaluate(float(now), samples)
-            cut += _apply(decision, relays, now, setup, cfg, start, events, shadow)
-            for name, factor in decision.resize.items():
-                if name in relays:
-                    relays[name].cpu_factor = factor
-                    resizes += 1
+        violating = p99 > self.cfg.slo_rtt_ms or loss > self.cfg.slo_loss
+        cpu = sum(r.applied_factor for r in self.relays.values())
+        self.replica_seconds += cpu
+        self.pod_seconds += len(self.relays)
+        self.seconds.append(Second(now, len(self.relays),
+                                   sum(self.takes_calls(r, now) for r in self.relays.values()),
+                                   len(self.where), p99, loss, violating, cpu))
 
-    violating_after = [s.t for s in seconds if s.violating and s.t >= trace.storm_start]
-    recover = violating_after[-1] + 1 - trace.storm_start if violating_after else 0
-    return SimResult(
-        policy=setup.name, trace=trace.name, seconds=seconds,
-        replica_seconds=replica_seconds,
-        slo_violation_seconds=sum(1 for s in seconds if s.violating),
-        allocations_cut=cut, rejected=rejected, restarts=restarts, recover_seconds=recover,
-        peak_relays=max(s.relays for s in seconds), events=events,
-        uncut_replica_seconds=replica_seconds + sum(shadow), pod_seconds=pod_seconds,
-        resizes=resizes)
+    # -- the policy --------------------------------------------------------------------------
 
+    def sample(self, relay: SimRelay, now: int) -> RelaySample:
+        """What the policy knows of the relay: its state ``metric_lag`` seconds ago (missing
+        if it did not serve then); readiness, drain and CPU spec as they are now."""
+        cfg = self.cfg
+        if relay.ready_at > now:
+            return RelaySample(relay.name, ready=False, port_capacity=cfg.port_capacity,
+                               cpu_factor=relay.cpu_factor)
+        seen = now - cfg.metric_lag
+        window = max(self.setup.cpu_window, self.setup.interval)
+        records: list[tuple[int, bool, float, float, int, float]] = []
+        for record in reversed(relay.records):
+            if record[0] <= seen:
+                records.append(record)
+                if len(records) >= window:
+                    break
+        signals: dict[str, float | None] = {}
+        if records and records[0][1]:
+            _, _, allocations, _, _, p99 = records[0]
+            cpu = [r[3] for r in records[:self.setup.cpu_window]]
+            dropped = sum(r[4] for r in records if r[0] > seen - self.setup.interval)
+            signals = {"allocations": allocations, "cpu_percent": sum(cpu) / len(cpu),
+                       "udp_rcvbuf_errors": dropped / self.setup.interval,
+                       "probe_rtt_ms": p99}
+        return RelaySample(relay.name, ready=True, signals=signals, draining=relay.draining,
+                           drain_started=relay.drain_started, port_capacity=cfg.port_capacity,
+                           cpu_factor=relay.cpu_factor)
 
-def _sample(relay: SimRelay, now: int, model: RelayModel, setup: PolicySetup,
-            cfg: SimConfig) -> RelaySample:
-    ready = relay.ready_at <= now
-    if not ready:
-        return RelaySample(relay.name, ready=False, port_capacity=cfg.port_capacity)
-    window = list(relay.cpu)[-setup.cpu_window:]
-    signals: dict[str, float | None] = {
-        "allocations": float(len(relay.sessions)),
-        "cpu_percent": sum(window) / len(window) if window else 0.0,
-        "udp_rcvbuf_errors": relay.last_loss * relay.last_load,
-        "probe_rtt_ms": relay.last_p99,
-    }
-    return RelaySample(relay.name, ready=True, signals=signals, draining=relay.draining,
-                       drain_started=relay.drain_started, port_capacity=cfg.port_capacity,
-                       cpu_factor=relay.cpu_factor)
+    def evaluate(self, now: int) -> None:
+        # relays being deleted are not the policy's any more (HPA ignores them too)
+        samples = [self.sample(r, now) for r in self.relays.values() if r.deleted_at is None]
+        decision = self.scaler.evaluate(float(now), samples)
+        if self.setup.scale_in == "drain":
+            self.drain(decision, now)
+        elif decision.desired < decision.active:
+            self.scale_down(decision.active - decision.desired, now)
+        for _ in range(decision.scale_up):
+            self.start(now + self.cfg.startup)
+        if decision.scale_up:
+            self.events.append(f"t={now} start {decision.scale_up} ({decision.reason})")
+        for name, factor in decision.resize.items():
+            if name in self.relays:
+                self.relays[name].cpu_factor = factor
+                self.pending.append((now + self.cfg.resize_delay, name, factor))
+                self.resizes += 1
+        if self.setup.pack_fill is not None and self.setup.standby_headroom is not None:
+            self.label_standby(samples, decision, now)
 
-
-def _apply(decision: Decision, relays: dict[str, SimRelay], now: int, setup: PolicySetup,
-           cfg: SimConfig, start: Callable[[int], None], events: list[str],
-           shadow: list[int]) -> int:
-    """Carry out a decision; returns the sessions cut (and appends to ``shadow`` how long
-    each relay deleted with calls would have needed to live for them to end)."""
-    cut = 0
-    if setup.drain:
+    def drain(self, decision: Decision, now: int) -> None:
         for name in decision.undrain:
-            relays[name].draining = False
-            relays[name].drain_started = None
+            self.relays[name].draining = False
+            self.relays[name].drain_started = None
         for name in decision.drain:
-            relays[name].draining = True
-            relays[name].drain_started = float(now)
-            events.append(f"t={now} drain {name} ({len(relays[name].sessions)} calls)")
+            relay = self.relays[name]
+            relay.draining, relay.drain_started = True, float(now)
+            self.events.append(f"t={now} drain {name} ({len(relay.sessions)} calls)")
         for name in decision.remove:
-            relay = relays.pop(name, None)
-            if relay is not None:
-                cut += len(relay.sessions)
-                if relay.sessions:
-                    shadow.append(max(relay.sessions.values()) - now)
-                events.append(f"t={now} remove {name} ({len(relay.sessions)} cut)")
-    elif decision.desired < decision.active:
-        # A ReplicaSet/StatefulSet scaled down: the newest pods go, with their sessions.
-        active = sorted((r for r in relays.values() if not r.draining),
-                        key=lambda r: -r.index)
-        for relay in active[:decision.active - decision.desired]:
-            del relays[relay.name]
-            cut += len(relay.sessions)
-            if relay.sessions:
-                shadow.append(max(relay.sessions.values()) - now)
-            events.append(f"t={now} delete {relay.name} ({len(relay.sessions)} cut)")
-    for _ in range(decision.scale_up):
-        start(now + cfg.startup)
-    if decision.scale_up:
-        events.append(f"t={now} start {decision.scale_up} ({decision.reason})")
-    return cut
+            if name in self.relays:
+                self.delete(self.relays[name], now, "remove")
+
+    def scale_down(self, count: int, now: int) -> None:
+        """A Deployment scaled down: the ReplicaSet picks the pods."""
+        up = [r for r in self.relays.values() if r.deleted_at is None]
+        for relay in replicaset_victims(up, count, now, self.rng):
+            if self.setup.scale_in == "delete":
+                self.delete(relay, now, "delete")
+            else:
+                relay.deleted_at = now
+                self.events.append(f"t={now} delete {relay.name} ({len(relay.sessions)} "
+                                   "calls drain in its preStop hook)")
+
+    def label_standby(self, samples: list[RelaySample], decision: Decision, now: int) -> None:
+        """``pack`` as the operator applies it: the ready relays staying in rotation
+        outside the open set are labelled standby (out of the Service)."""
+        leaving = set(decision.drain) | set(decision.remove)
+        by_name = {s.name: s for s in samples}
+        staying = [r for r in self.relays.values()
+                   if r.name in by_name and r.name not in leaving and r.deleted_at is None
+                   and not r.draining]
+        candidates = [dataclasses.replace(by_name[r.name], draining=False)
+                      for r in staying if r.ready_at <= now]
+        assert self.setup.pack_fill is not None and self.setup.standby_headroom is not None
+        opened = set(open_relays(candidates, self.setup.pack_fill,
+                                 self.setup.standby_headroom, self.scaler.policy.targets))
+        for relay in staying:
+            relay.standby = relay.ready_at <= now and relay.name not in opened
+
+    def result(self) -> SimResult:
+        storm = self.trace.storm_start
+        violating_after = [s.t for s in self.seconds if s.violating and s.t >= storm]
+        recover = violating_after[-1] + 1 - storm if violating_after else 0
+        return SimResult(
+            policy=self.setup.name, trace=self.trace.name, seconds=self.seconds,
+            replica_seconds=self.replica_seconds,
+            slo_violation_seconds=sum(1 for s in self.seconds if s.violating),
+            allocations_cut=self.cut, rejected=self.rejected, restarts=self.restarts,
+            recover_seconds=recover, peak_relays=max(s.relays for s in self.seconds),
+            events=self.events, uncut_replica_seconds=self.replica_seconds + sum(self.shadow),
+            pod_seconds=self.pod_seconds, resizes=self.resizes, refused=self.refused)
+
+
+def simulate(trace: Trace, model: RelayModel, setup: PolicySetup,
+             config: SimConfig | None = None) -> SimResult:
+    pool = Pool(trace, model, setup, config or SimConfig())
+    for now in range(trace.length):
+        pool.step(now)
+    return pool.result()

@@ -217,6 +217,15 @@ def test_udp_drops_scale_up_even_without_a_target() -> None:
     assert Autoscaler(policy(), 1, 10, HPA).evaluate(0.0, samples).desired == 2
 
 
+@pytest.mark.parametrize(("rate", "desired"), [(0.0, 2), (1e-302, 2), (0.9, 2), (1.0, 3)])
+def test_udp_drops_under_one_datagram_a_second_are_no_storm(rate: float, desired: int) -> None:
+    from turnstorm.policy import saturated
+
+    samples = relays(10, 10, udp_rcvbuf_errors=[0.0, rate])
+    assert Autoscaler(policy(), 1, 10).evaluate(0.0, samples).desired == desired
+    assert saturated(samples[1], {}) == (desired == 3)
+
+
 def test_udp_drops_add_one_step_until_the_new_relay_is_ready() -> None:
     """Evaluated every second, drops that last while a relay starts ask for nothing more."""
     scaler = Autoscaler(policy(), 1, 10)
@@ -330,6 +339,22 @@ def test_open_relays_skip_draining_unready_and_saturated_relays() -> None:
     # Without the CPU target only the drops make a relay saturated.
     assert open_relays(samples, 100.0, 2.5, {"allocationsPerRelay": 100.0}) == [
         "r0", "r1", "r3"]
+
+
+def test_a_relay_resized_above_its_cpu_is_full_for_pack_until_it_comes_back() -> None:
+    """Refilled to the target, a relay at 125 % would never fall under target / 1.1 and
+    come back to 100 %: pack skips it until its calls have brought it back."""
+    from turnstorm.policy import open_relays, saturated
+
+    samples = relays(170, 20, 20)
+    samples[0].cpu_factor = 1.25
+    assert saturated(samples[0], {"allocationsPerRelay": 180.0})
+    assert open_relays(samples, 180.0, 0.5) == ["r1"]
+    samples[0].cpu_factor = 1.0
+    assert open_relays(samples, 180.0, 0.5) == ["r0", "r1"]
+    # below 100 % (a draining relay shrunk, then put back) it takes calls
+    samples[0].cpu_factor = 0.5
+    assert not saturated(samples[0], {})
 
 
 def test_placement_comes_from_the_turnpool() -> None:
