@@ -22,13 +22,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 K8S_MODDIR="$ROOT/tools/k8s"
 ETCD_MODDIR="$ROOT/tools/etcd"
 
-# One source of truth: the versions are read from the go.mod files.
-modversion() { # <go.mod> <module path>
-    awk -v m="$2" '
-        $1 == "require" && $2 == m { print $3; exit }
-        $1 == m && $2 ~ /^v/ { print $2; exit }
-    ' "$1"
-}
+# shellcheck source=scripts/go-build-lib.sh
+. "$ROOT/scripts/go-build-lib.sh"
 K8S_VERSION="$(modversion "$K8S_MODDIR/go.mod" k8s.io/kubernetes)"        # e.g. v1.37.2
 ETCD_VERSION="$(modversion "$ETCD_MODDIR/go.mod" go.etcd.io/etcd/server/v3)" # e.g. v3.6.16
 if [[ -z "$K8S_VERSION" || -z "$ETCD_VERSION" ]]; then
@@ -52,13 +47,6 @@ done
 
 log() { echo "build-control-plane: $*" >&2; }
 
-# A binary counts as built when it exists, runs and reports the pinned version.
-binary_ok() { # <path> <expected substring of --version output>
-    [[ -x "$1" ]] || return 1
-    local out
-    out="$("$1" --version 2>&1)" || return 1
-    [[ "$out" == *"$2"* ]]
-}
 k8s_ok() { binary_ok "$BIN_DIR/kube-apiserver" "Kubernetes $K8S_VERSION"; }
 kubectl_ok() {
     [[ -x "$BIN_DIR/kubectl" ]] || return 1
@@ -89,20 +77,8 @@ if command -v flock >/dev/null; then
     fi
 fi
 
-export GOFLAGS="-mod=mod${GOFLAGS:+ $GOFLAGS}"
-export GOWORK=off
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-
-# build <module dir> <package> <output name> <extra ldflags>
-build() {
-    local moddir="$1" pkg="$2" name="$3" extra="$4"
-    local tmp="$BIN_DIR/.$name.tmp.$$"
-    local start=$SECONDS
-    (cd "$moddir" && go build -trimpath -ldflags="-s -w $extra" -o "$tmp" "$pkg")
-    mv -f "$tmp" "$BIN_DIR/$name"
-    log "built $name in $((SECONDS - start))s ($(du -h "$BIN_DIR/$name" | cut -f1))"
-}
+go_env
+build() { go_build "$@"; }
 
 if [[ $force -eq 1 ]] || ! etcd_ok; then
     log "building etcd $ETCD_VERSION (takes about a minute)..."
@@ -110,15 +86,7 @@ if [[ $force -eq 1 ]] || ! etcd_ok; then
     etcd_ok || { log "etcd does not report version $ETCD_VERSION"; exit 1; }
 fi
 
-minor="${K8S_VERSION#v1.}"
-minor="${minor%%.*}"
-# Same version stamps as the upstream release build (hack/lib/version.sh),
-# so --version and /version report the real release.
-stamps=""
-for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    stamps+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-    stamps+=" -X $p.gitTreeState=clean"
-done
+stamps="$(k8s_stamps "$K8S_VERSION")"
 
 if [[ $force -eq 1 ]] || ! k8s_ok; then
     log "building kube-apiserver $K8S_VERSION (takes several minutes)..."

@@ -22,12 +22,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 K8S_MODDIR="$ROOT/tools/k8s"
 CTRD_MODDIR="$ROOT/tools/containerd"
 
-modversion() { # <go.mod> <module path>
-    awk -v m="$2" '
-        $1 == "require" && $2 == m { print $3; exit }
-        $1 == m && $2 ~ /^v/ { print $2; exit }
-    ' "$1"
-}
+# shellcheck source=scripts/go-build-lib.sh
+. "$ROOT/scripts/go-build-lib.sh"
 K8S_VERSION="$(modversion "$K8S_MODDIR/go.mod" k8s.io/kubernetes)"
 CTRD_VERSION="$(modversion "$CTRD_MODDIR/go.mod" github.com/containerd/containerd/v2)"
 if [[ -z "$K8S_VERSION" || -z "$CTRD_VERSION" ]]; then
@@ -51,19 +47,13 @@ done
 
 log() { echo "build-node: $*" >&2; }
 
-reports() { # <path> <expected substring of --version output>
-    [[ -x "$1" ]] || return 1
-    local out
-    out="$("$1" --version 2>&1)" || return 1
-    [[ "$out" == *"$2"* ]]
-}
 K8S_BINS=(kubelet kube-proxy kube-controller-manager kube-scheduler)
 k8s_ok() {
     local b
-    for b in "${K8S_BINS[@]}"; do reports "$BIN_DIR/$b" "Kubernetes $K8S_VERSION" || return 1; done
+    for b in "${K8S_BINS[@]}"; do binary_ok "$BIN_DIR/$b" "Kubernetes $K8S_VERSION" || return 1; done
 }
 ctrd_ok() {
-    reports "$BIN_DIR/containerd" "$CTRD_VERSION" && [[ -x "$BIN_DIR/containerd-shim-runc-v2" ]] \
+    binary_ok "$BIN_DIR/containerd" "$CTRD_VERSION" && [[ -x "$BIN_DIR/containerd-shim-runc-v2" ]] \
         && [[ -x "$BIN_DIR/ctr" ]]
 }
 all_ok() { k8s_ok && ctrd_ok; }
@@ -86,31 +76,13 @@ if command -v flock >/dev/null; then
     fi
 fi
 
-export GOFLAGS="-mod=mod${GOFLAGS:+ $GOFLAGS}"
-export GOWORK=off
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-
-build() { # <module dir> <package> <output name> <extra ldflags> [tags]
-    local moddir="$1" pkg="$2" name="$3" extra="$4" tags="${5:-}"
-    local tmp="$BIN_DIR/.$name.tmp.$$"
-    local start=$SECONDS
-    (cd "$moddir" && go build -trimpath ${tags:+-tags "$tags"} -ldflags="-s -w $extra" -o "$tmp" "$pkg")
-    mv -f "$tmp" "$BIN_DIR/$name"
-    log "built $name in $((SECONDS - start))s ($(du -h "$BIN_DIR/$name" | cut -f1))"
-}
-
-minor="${K8S_VERSION#v1.}"
-minor="${minor%%.*}"
-stamps=""
-for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    stamps+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-    stamps+=" -X $p.gitTreeState=clean"
-done
+go_env
+build() { go_build "$@"; }
+stamps="$(k8s_stamps "$K8S_VERSION")"
 
 if [[ $force -eq 1 ]] || ! k8s_ok; then
     for b in "${K8S_BINS[@]}"; do
-        if [[ $force -eq 1 ]] || ! reports "$BIN_DIR/$b" "Kubernetes $K8S_VERSION"; then
+        if [[ $force -eq 1 ]] || ! binary_ok "$BIN_DIR/$b" "Kubernetes $K8S_VERSION"; then
             log "building $b $K8S_VERSION..."
             build "$K8S_MODDIR" "k8s.io/kubernetes/cmd/$b" "$b" "$stamps"
         fi

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import IN_CI, require
+from turnstorm.testing import cluster
 from turnstorm.testing.controlplane import ControlPlane, build_binaries, cached_bin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,13 +62,5 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2,
              what: str | Callable[[], str] = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    if callable(what):
-        what = what()
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+    """The node tier's wait, with the apiserver tier's shorter defaults."""
+    return cluster.wait_for(predicate, timeout, interval, what)

@@ -1,0 +1,48 @@
+# Shared by scripts/build-control-plane.sh and scripts/build-node.sh (sourced, not run):
+# reading pinned versions from go.mod files, checking a cached binary's version, and
+# building a Go main package reproducibly into $BIN_DIR. Callers define log().
+
+# One source of truth: a module's version as the go.mod requires it.
+modversion() { # <go.mod> <module path>
+    awk -v m="$2" '
+        $1 == "require" && $2 == m { print $3; exit }
+        $1 == m && $2 ~ /^v/ { print $2; exit }
+    ' "$1"
+}
+
+# A binary counts as built when it exists, runs and reports the pinned version.
+binary_ok() { # <path> <expected substring of --version output>
+    [[ -x "$1" ]] || return 1
+    local out
+    out="$("$1" --version 2>&1)" || return 1
+    [[ "$out" == *"$2"* ]]
+}
+
+# The upstream release build's version stamps (hack/lib/version.sh), so --version and
+# /version report the real release.
+k8s_stamps() { # <version, e.g. v1.37.2>
+    local minor="${1#v1.}" p stamps=""
+    minor="${minor%%.*}"
+    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        stamps+=" -X $p.gitVersion=$1 -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+        stamps+=" -X $p.gitTreeState=clean"
+    done
+    echo "$stamps"
+}
+
+go_env() {
+    export GOFLAGS="-mod=mod${GOFLAGS:+ $GOFLAGS}"
+    export GOWORK=off
+    export GOTOOLCHAIN=local
+    export CGO_ENABLED=0
+}
+
+go_build() { # <module dir> <package> <output name> <extra ldflags> [build tags]
+    local moddir="$1" pkg="$2" name="$3" extra="$4" tags="${5:-}"
+    local tmp="$BIN_DIR/.$name.tmp.$$"
+    local start=$SECONDS
+    (cd "$moddir" && go build -trimpath ${tags:+-tags "$tags"} -ldflags="-s -w $extra" \
+        -o "$tmp" "$pkg")
+    mv -f "$tmp" "$BIN_DIR/$name"
+    log "built $name in $((SECONDS - start))s ($(du -h "$BIN_DIR/$name" | cut -f1))"
+}
