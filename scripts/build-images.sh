@@ -134,6 +134,16 @@ fi
 build() { # <Containerfile> <image> <archive>
     local start=$SECONDS
     log "building $2 ($1)..."
+    if grep -q '^FROM .* AS build$' "$ROOT/$1"; then
+        # the build stage tagged, so that pruning the old images below keeps its layers
+        # (the dependencies' layer is reused while pyproject.toml does not change)
+        case "$ENGINE" in
+            buildah) engine bud --quiet --layers --isolation chroot "${build_args[@]}" \
+                         --target build -f "$ROOT/$1" -t "$2-build" "$ROOT" >&2 ;;
+            *) engine build --quiet "${build_args[@]}" --target build -f "$ROOT/$1" \
+                   -t "$2-build" "$ROOT" >&2 ;;
+        esac
+    fi
     case "$ENGINE" in
         buildah) engine bud --quiet --layers --isolation chroot "${build_args[@]}" \
                      -f "$ROOT/$1" -t "$2" "$ROOT" >&2 ;;
@@ -168,6 +178,11 @@ if [[ $force -eq 1 || ! -s $PAUSE_ARCHIVE ]]; then
     esac
     export_image "$PAUSE_IMAGE" "$PAUSE_ARCHIVE"
 fi
+# images no tag names any more (earlier builds) go: each is hundreds of MB
+case "$ENGINE" in
+    buildah) engine rmi --prune >/dev/null 2>&1 || true ;;
+    *) engine image prune -f >/dev/null 2>&1 || true ;;
+esac
 # old archives of other hashes go; the layer store keeps what the next build reuses
 find "$OUT" -maxdepth 1 -name '*.tar' ! -path "$TS_ARCHIVE" ! -path "$RELAY_ARCHIVE" \
     ! -path "$PAUSE_ARCHIVE" -delete

@@ -67,7 +67,7 @@ def test_relay_killed_under_calls(node: Node, operator: str, images: dict[str, s
     pinned = Calls(f"{survivor['status']['podIP']}:3478", pool.secret_file, echo_peer, 3,
                    refresh_every=3).start()
     pinned.mark("start")
-    storm = cluster.start_storm(pool.addresses(node)["ClusterIP"], pool, echo_peer,
+    storm = cluster.start_storm(cluster.wait_serving(node, pool)["ClusterIP"], pool, echo_peer,
                                 tmp_path / "storm", "--users", "8", "--spawn-rate", "8",
                                 "--duration", "30", "--session", "uniform:6-10")
     try:

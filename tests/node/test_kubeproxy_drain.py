@@ -19,7 +19,7 @@ import pytest
 
 from tests.node.calls import CallRecord, Calls
 from turnstorm.operator.render import ROTATION_DRAINING, ROTATION_LABEL
-from turnstorm.testing.cluster import Pool, create_pool, wait_for
+from turnstorm.testing.cluster import Pool, create_pool, wait_for, wait_serving
 from turnstorm.testing.node import Node
 
 CALLS = 16
@@ -32,6 +32,7 @@ def two_relays(node: Node, operator: str, images: dict[str, str], namespace: str
                        replicas={"min": 2, "max": 2, "target": 2},
                        scaling={"enabled": False})
     wait_for(lambda: len(pool.running(node)) == 2, 120, what="two relay pods Ready")
+    wait_serving(node, pool)
     return pool
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import FORBIDDEN
-from turnstorm.testing.cluster import Pool, create_pool, probe, wait_for
+from turnstorm.testing.cluster import Pool, create_pool, probe, wait_for, wait_serving
 from turnstorm.testing.node import Node
 
 
@@ -19,6 +19,7 @@ def pool(node: Node, operator: str, images: dict[str, str], namespace: str,
          tmp_path: Path) -> Pool:
     pool = create_pool(node, namespace, images["relay"], tmp_path)
     wait_for(lambda: pool.running(node), 120, what="a relay pod Running and Ready")
+    wait_serving(node, pool)
     return pool
 
 

@@ -193,6 +193,32 @@ def echo_peer() -> Iterator[str]:
         process.wait(10)
 
 
+def stun_answers(address: str, timeout: float = 0.5) -> bool:
+    """Whether a STUN Binding to ``address`` (HOST:PORT over UDP) is answered. Right after
+    a relay becomes ready kube-proxy may not have programmed its Service yet: sending to
+    the ClusterIP then fails with EPERM for a moment."""
+    from turnstorm.proto import stun
+
+    host, _, port = address.rpartition(":")
+    request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(request.encode(), (host, int(port)))
+            return sock.recv(2048)[8:20] == request.transaction_id
+        except OSError:
+            return False
+
+
+def wait_serving(node: Node, pool: Pool, timeout: float = 30.0) -> dict[str, str]:
+    """The pool's Service addresses once both answer STUN (kube-proxy synced)."""
+    addresses = pool.addresses(node)
+    for address in addresses.values():
+        wait_for(lambda a=address: stun_answers(a), timeout, interval=0.2,  # type: ignore[misc]
+                 what=f"the Service answering STUN at {address}")
+    return addresses
+
+
 def probe(uri: str, secret_file: Path, peer: str, *extra: str,
           timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TURNSTORM, "probe", uri, "--secret-file", str(secret_file),
@@ -269,7 +295,7 @@ def scale_cycle(node: Node, namespace: str, image: str, peer: str, work: Path,
     (first,) = wait_for(lambda: pool.running(node), 120, interval=0.1,
                                 what="the first relay pod Ready")
     pod_start = time.monotonic() - applied
-    target = pool.addresses(node)["ClusterIP"]
+    target = wait_serving(node, pool)["ClusterIP"]
     storm = start_storm(target, pool, peer, work / "storm", "--users", "10",
                                 "--spawn-rate", "10", "--duration", str(duration),
                                 "--session", "uniform:1-3")
