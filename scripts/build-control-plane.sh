@@ -35,17 +35,7 @@ CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/turnstorm/control-plane"
 OUT_DIR="$CACHE_ROOT/${K8S_VERSION#v}-etcd${ETCD_VERSION#v}"
 BIN_DIR="$OUT_DIR/bin"
 
-force=0
-for arg in "$@"; do
-    case "$arg" in
-        --print-dir) echo "$BIN_DIR"; exit 0 ;;
-        --force) force=1 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "build-control-plane: unknown argument: $arg" >&2; exit 2 ;;
-    esac
-done
-
-log() { echo "build-control-plane: $*" >&2; }
+parse_build_args build-control-plane 2,18 "$@"
 
 k8s_ok() { binary_ok "$BIN_DIR/kube-apiserver" "Kubernetes $K8S_VERSION"; }
 kubectl_ok() {

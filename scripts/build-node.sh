@@ -35,17 +35,7 @@ CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/turnstorm/node"
 OUT_DIR="$CACHE_ROOT/${K8S_VERSION#v}-containerd${CTRD_VERSION#v}"
 BIN_DIR="$OUT_DIR/bin"
 
-force=0
-for arg in "$@"; do
-    case "$arg" in
-        --print-dir) echo "$BIN_DIR"; exit 0 ;;
-        --force) force=1 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "build-node: unknown argument: $arg" >&2; exit 2 ;;
-    esac
-done
-
-log() { echo "build-node: $*" >&2; }
+parse_build_args build-node 2,19 "$@"
 
 K8S_BINS=(kubelet kube-proxy kube-controller-manager kube-scheduler)
 k8s_ok() {

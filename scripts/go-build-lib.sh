@@ -1,6 +1,6 @@
 # Shared by scripts/build-control-plane.sh and scripts/build-node.sh (sourced, not run):
 # reading pinned versions from go.mod files, checking a cached binary's version, and
-# building a Go main package reproducibly into $BIN_DIR. Callers define log().
+# building a Go main package reproducibly into $BIN_DIR.
 
 # One source of truth: a module's version as the go.mod requires it.
 modversion() { # <go.mod> <module path>
@@ -46,3 +46,21 @@ go_build() { # <module dir> <package> <output name> <extra ldflags> [build tags]
     mv -f "$tmp" "$BIN_DIR/$name"
     log "built $name in $((SECONDS - start))s ($(du -h "$BIN_DIR/$name" | cut -f1))"
 }
+
+# The build scripts' command line: --print-dir (print $BIN_DIR and exit), --force (sets
+# force=1), -h/--help (the script's header lines); defines log() with the script's name.
+parse_build_args() { # <script name> <help lines, e.g. 2,18> <args...>
+    local name="$1" help="$2" arg
+    shift 2
+    force=0
+    for arg in "$@"; do
+        case "$arg" in
+            --print-dir) echo "$BIN_DIR"; exit 0 ;;
+            --force) force=1 ;;
+            -h|--help) sed -n "${help}p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            *) echo "$name: unknown argument: $arg" >&2; exit 2 ;;
+        esac
+    done
+    BUILD_NAME="$name"
+}
+log() { echo "${BUILD_NAME:-build}: $*" >&2; }
