@@ -81,7 +81,7 @@ SYSCTLS = (
 OUTSIDE_PATHS = (
     # written by the parts whatever their root directory says
     "/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/var/lib/cni",
-    "/run/containerd", "/run/nri", "/etc/cni", "/opt/cni",
+    "/run/containerd", "/run/nri",
 )
 COMPONENTS = ("etcd", "kube-apiserver", "containerd", "kube-controller-manager",
               "kube-scheduler", "kubelet", "kube-proxy")
