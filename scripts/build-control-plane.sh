@@ -46,26 +46,8 @@ kubectl_ok() {
 }
 etcd_ok() { binary_ok "$BIN_DIR/etcd" "etcd Version: ${ETCD_VERSION#v}"; }
 
-if [[ $force -eq 0 ]] && k8s_ok && etcd_ok && kubectl_ok; then
-    log "cached: kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION"
-    echo "$BIN_DIR"
-    exit 0
-fi
-
-command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
-mkdir -p "$BIN_DIR"
-
-# Serialise concurrent callers (e.g. parallel test workers) on one lock.
-if command -v flock >/dev/null; then
-    exec 9>"$OUT_DIR/.lock"
-    flock 9
-    # Another caller may have finished the build while we waited.
-    if [[ $force -eq 0 ]] && k8s_ok && etcd_ok && kubectl_ok; then
-        log "cached: kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION"
-        echo "$BIN_DIR"
-        exit 0
-    fi
-fi
+all_ok() { k8s_ok && etcd_ok && kubectl_ok; }
+use_cache_or_lock all_ok "kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION"
 
 go_env
 build() { go_build "$@"; }

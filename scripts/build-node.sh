@@ -48,23 +48,7 @@ ctrd_ok() {
 }
 all_ok() { k8s_ok && ctrd_ok; }
 
-if [[ $force -eq 0 ]] && all_ok; then
-    log "cached: node $K8S_VERSION, containerd $CTRD_VERSION"
-    echo "$BIN_DIR"
-    exit 0
-fi
-
-command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
-mkdir -p "$BIN_DIR"
-if command -v flock >/dev/null; then
-    exec 9>"$OUT_DIR/.lock"
-    flock 9
-    if [[ $force -eq 0 ]] && all_ok; then
-        log "cached: node $K8S_VERSION, containerd $CTRD_VERSION"
-        echo "$BIN_DIR"
-        exit 0
-    fi
-fi
+use_cache_or_lock all_ok "node $K8S_VERSION, containerd $CTRD_VERSION"
 
 go_env
 build() { go_build "$@"; }

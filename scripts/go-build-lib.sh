@@ -64,3 +64,22 @@ parse_build_args() { # <script name> <help lines, e.g. 2,18> <args...>
     BUILD_NAME="$name"
 }
 log() { echo "${BUILD_NAME:-build}: $*" >&2; }
+
+# Exit with $BIN_DIR on stdout when everything is built already (<check>, unless --force);
+# otherwise make sure Go is there and hold $OUT_DIR/.lock, checking once more after the
+# wait (another caller, e.g. a parallel test worker, may have finished the build).
+use_cache_or_lock() { # <check command> <what, for the log line>
+    local check="$1" what="$2"
+    if [[ $force -eq 0 ]] && $check; then
+        log "cached: $what"; echo "$BIN_DIR"; exit 0
+    fi
+    command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
+    mkdir -p "$BIN_DIR"
+    if command -v flock >/dev/null; then
+        exec 9>"$OUT_DIR/.lock"
+        flock 9
+        if [[ $force -eq 0 ]] && $check; then
+            log "cached: $what"; echo "$BIN_DIR"; exit 0
+        fi
+    fi
+}
